@@ -1,0 +1,323 @@
+"""The benchmark scenarios. Each is `async def name(spec, ctx) -> Outcome`:
+it launches a fresh server from `spec`, drives it with loadgen workers, and
+measures. A later `cluster` scenario is one more function over a spec that
+starts several gateway processes and redis."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from servers import Fleet, Running, ServerSpec, busy_seconds
+
+log = logging.getLogger("bench")
+
+
+@dataclass(frozen=True)
+class Scale:
+    relay_pairs: int = 10
+    relay_window: int = 64
+    relay_workers: int = 2
+    warmup_s: float = 1.0
+    measure_s: float = 5.0
+    fanout_meshes: int = 100
+    fanout_rate: float = 200.0
+    fanout_window: int = 32
+    conns: int = 10_000
+    storm: int = 5_000
+    register: int = 5_000
+    register_clients: int = 4
+    workers: int = 4  # processes for the connection-heavy scenarios
+    timeout_s: float = 240.0  # bound on any one wait (connects, storms, registrations)
+
+    @property
+    def universe(self) -> list[str]:
+        """Every mesh id a scenario may use; the gateway gets them registered once."""
+        n = max(self.conns, self.storm + 1, self.fanout_meshes, 2 * self.relay_pairs)
+        return [mesh_id(i) for i in range(n)]
+
+
+FULL = Scale()
+QUICK = Scale(
+    relay_pairs=2, relay_window=8, warmup_s=0.2, measure_s=0.6, fanout_meshes=6, fanout_rate=50.0,
+    fanout_window=4, conns=40, storm=30, register=40, workers=2, timeout_s=30.0,
+)  # fmt: skip
+
+
+def mesh_id(i: int) -> str:
+    return f"m-{i:05d}"
+
+
+@dataclass
+class Context:
+    tmp: Path
+    scale: Scale
+    seeds: dict[str, Path] = field(default_factory=dict)  # server kind -> prepared registry
+
+    def registry(self, spec: ServerSpec, *, empty: bool = False) -> Path | None:
+        """A private copy of the prepared registry (or a new empty one) for one server run."""
+        if not spec.uses_registry:
+            return None
+        path = self.tmp / f"registry-{time.monotonic_ns()}.json"
+        if not empty and spec.kind in self.seeds:
+            shutil.copy(self.seeds[spec.kind], path)
+        return path
+
+
+@dataclass
+class Outcome:
+    metrics: dict[str, float] = field(default_factory=dict)
+    server_cpu_pct: float = 0.0
+    loadgen_cpu_pct: float = 0.0
+    other_cpu_pct: float = 0.0  # the rest of the machine: kernel softirq (loopback TCP) and other processes
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+class Meter:
+    """The server's and the whole machine's CPU over one measured window, in % of one CPU."""
+
+    def __init__(self, server: Running) -> None:
+        self.server = server
+        self.cpu0, self.busy0, self.t0 = server.cpu(), busy_seconds(), time.monotonic()
+
+    def stop(self) -> Meter:
+        wall = time.monotonic() - self.t0
+        self.server_pct = 100 * (self.server.cpu() - self.cpu0) / wall
+        self.busy_pct = 100 * (busy_seconds() - self.busy0) / wall
+        return self
+
+
+def outcome(metrics: dict[str, float], meter: Meter, results: list[dict[str, Any]]) -> Outcome:
+    loadgen = load_cpu(results)
+    out = Outcome(metrics, meter.server_pct, loadgen, max(0.0, meter.busy_pct - meter.server_pct - loadgen))
+    check(results, out)
+    return out
+
+
+def job(role: str, server: Running, ctx: Context, **params: Any) -> dict[str, Any]:
+    host, port = server.endpoints[0]
+    return {"role": role, "host": host, "port": port, "deadline_s": ctx.scale.timeout_s * 2 + 60, **params}
+
+
+def chunks(items: list[Any], n: int) -> list[list[Any]]:
+    n = max(1, min(n, len(items)))
+    return [items[i::n] for i in range(n)]
+
+
+def percentile(sorted_values: list[int], p: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(p / 100 * len(sorted_values)))] / 1e6
+
+
+def check(results: list[dict[str, Any]], outcome: Outcome) -> None:
+    """Everything a worker saw that means the server misbehaved becomes an error."""
+    for r in results:
+        outcome.errors += r["errors"]
+        if r["error_count"] > len(r["errors"]):
+            outcome.errors.append(f"... {r['error_count'] - len(r['errors'])} more errors")
+        if r.get("lost"):
+            outcome.errors.append(f"lost {r['lost']} messages")
+        if r["closes"]:
+            outcome.errors.append(f"unexpected closes (code: count): {r['closes']}")
+        if r.get("failed"):
+            outcome.errors.append(f"{r['failed']} connections failed")
+        if r.get("unfinished"):
+            outcome.errors.append("a worker did not finish in time")
+
+
+async def measured_window(server: Running, fleet: Fleet, ctx: Context) -> tuple[list[dict[str, Any]], Meter]:
+    """go, warm up, mark, measure, stop."""
+    fleet.send("go")
+    await asyncio.sleep(ctx.scale.warmup_s)
+    fleet.send("mark")
+    meter = Meter(server)
+    await asyncio.sleep(ctx.scale.measure_s)
+    meter.stop()
+    return await fleet.results(), meter
+
+
+def load_cpu(results: list[dict[str, Any]]) -> float:
+    """All workers' CPU over their measured window, in % of one CPU."""
+    wall_s = max(r["window_s"] for r in results)
+    return 100 * sum(r["cpu_s"] for r in results) / wall_s if wall_s > 0 else 0.0
+
+
+def latency(results: list[dict[str, Any]]) -> dict[str, float]:
+    samples = sorted(s for r in results for s in r["samples"])
+    return {"p50_ms": percentile(samples, 50), "p99_ms": percentile(samples, 99), "max_ms": percentile(samples, 100)}
+
+
+# --- Scenarios ---------------------------------------------------------------------
+
+
+async def relay(spec: ServerSpec, ctx: Context) -> Outcome:
+    s = ctx.scale
+    pairs = [(mesh_id(2 * i), mesh_id(2 * i + 1)) for i in range(s.relay_pairs)]
+    async with spec.launch(ctx.tmp, registry=ctx.registry(spec)) as server, Fleet(ctx.tmp, "relay") as fleet:
+        await fleet.start([job("relay", server, ctx, pairs=c, window=s.relay_window) for c in chunks(pairs, s.relay_workers)])
+        results, server_cpu = await measured_window(server, fleet, ctx)
+    window = statistics.mean(r["window_s"] for r in results)
+    lat = latency(results)
+    out = Outcome(
+        metrics={"msgs_per_s": sum(r["count"] for r in results) / window, "p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"]},
+        server_cpu_pct=server_cpu, loadgen_cpu_pct=load_cpu(results),
+    )  # fmt: skip
+    check(results, out)
+    return out
+
+
+async def _fanout(spec: ServerSpec, ctx: Context, *, rate: float) -> tuple[Outcome, list[dict[str, Any]]]:
+    s = ctx.scale
+    meshes = [mesh_id(i) for i in range(s.fanout_meshes)]
+    async with spec.launch(ctx.tmp, registry=ctx.registry(spec)) as server, Fleet(ctx.tmp, "fanout") as fleet:
+        params = {"sender": meshes[0], "receivers": meshes[1:], "rate": rate, "window": s.fanout_window}
+        await fleet.start([job("fanout", server, ctx, **params)])
+        results, server_cpu = await measured_window(server, fleet, ctx)
+    window = results[0]["window_s"]
+    out = Outcome(
+        metrics={"deliveries_per_s": results[0]["count"] / window},
+        server_cpu_pct=server_cpu, loadgen_cpu_pct=load_cpu(results),
+    )  # fmt: skip
+    check(results, out)
+    return out, results
+
+
+async def fanout(spec: ServerSpec, ctx: Context) -> Outcome:
+    out, results = await _fanout(spec, ctx, rate=ctx.scale.fanout_rate)
+    out.metrics.update(latency(results))
+    expected = ctx.scale.fanout_rate * (ctx.scale.fanout_meshes - 1)
+    if out.metrics["deliveries_per_s"] < 0.95 * expected:
+        out.errors.append(f"delivered {out.metrics['deliveries_per_s']:.0f}/s, below the offered {expected:.0f}/s")
+    return out
+
+
+async def fanout_max(spec: ServerSpec, ctx: Context) -> Outcome:
+    return (await _fanout(spec, ctx, rate=0.0))[0]
+
+
+async def conns(spec: ServerSpec, ctx: Context) -> Outcome:
+    s = ctx.scale
+    meshes = [mesh_id(i) for i in range(s.conns)]
+    async with spec.launch(ctx.tmp, registry=ctx.registry(spec)) as server, Fleet(ctx.tmp, "conns") as fleet:
+        rss0 = server.rss()
+        jobs = [job("connect", server, ctx, meshes=c, concurrency=64, deflate=True) for c in chunks(meshes, s.workers)]
+        await fleet.start(jobs)
+        fleet.send("go")
+        cpu0, t0 = server.cpu(), time.monotonic()
+        await fleet.expect("done", s.timeout_s)
+        await asyncio.sleep(1.0)  # let the server settle (pending writes, auth bookkeeping)
+        rss1 = server.rss()
+        health = await server.health() or {}
+        server_cpu = 100 * (server.cpu() - cpu0) / (time.monotonic() - t0)
+        results = await fleet.results()
+    out = Outcome(
+        metrics={
+            "rss_kib_per_conn": (rss1 - rss0) / s.conns / 1024,
+            "connect_s": max(r.get("done_t", 0) for r in results) - min(r["mark_t"] for r in results),
+            "deflate_accepted": sum(r.get("deflate_accepted", 0) for r in results),
+            "rss_before_mib": rss0 / 2**20,
+            "rss_after_mib": rss1 / 2**20,
+        },
+        server_cpu_pct=server_cpu, loadgen_cpu_pct=load_cpu(results),
+    )  # fmt: skip
+    check(results, out)
+    if health.get("connected") != s.conns:
+        out.errors.append(f"/health connected={health.get('connected')}, expected {s.conns}")
+    return out
+
+
+async def auth_storm(spec: ServerSpec, ctx: Context) -> Outcome:
+    """A fresh server process over the persisted registry is the restart; then every mesh reconnects at once."""
+    s = ctx.scale
+    meshes = [mesh_id(i) for i in range(s.storm)]
+    watcher_mesh = mesh_id(s.storm)
+    async with (
+        spec.launch(ctx.tmp, registry=ctx.registry(spec)) as server,
+        Fleet(ctx.tmp, "watcher") as watcher,
+        Fleet(ctx.tmp, "storm") as storm,
+    ):
+        await watcher.start([job("watcher", server, ctx, mesh=watcher_mesh)])
+        # The storm runs niced so the watcher's own loop is not what stalls.
+        await storm.start([job("connect", server, ctx, meshes=c, nice=5) for c in chunks(meshes, s.workers)])
+        watcher.send("go")
+        await asyncio.sleep(0.2)  # a baseline of quiet round trips
+        cpu0, t0 = server.cpu(), time.monotonic()
+        storm.send("go")
+        await storm.expect("done", s.timeout_s)
+        wall = time.monotonic() - t0
+        server_cpu = 100 * (server.cpu() - cpu0) / wall
+        storm_results = await storm.results()
+        watch = (await watcher.results())[0]
+    out = Outcome(
+        metrics={
+            "all_authed_s": max(r.get("done_t", 0) for r in storm_results) - min(r["mark_t"] for r in storm_results),
+            "max_stall_ms": max(watch["samples"], default=0) / 1e6,
+            "watcher_pings": watch["count"],
+        },
+        server_cpu_pct=server_cpu, loadgen_cpu_pct=load_cpu(storm_results),
+    )  # fmt: skip
+    check([*storm_results, watch], out)
+    return out
+
+
+async def register(spec: ServerSpec, ctx: Context) -> Outcome:
+    s = ctx.scale
+    meshes = [f"r-{i:05d}" for i in range(s.register)]
+    async with spec.launch(ctx.tmp, registry=ctx.registry(spec, empty=True)) as server, Fleet(ctx.tmp, "register") as fleet:
+        await fleet.start([job("register", server, ctx, meshes=c) for c in chunks(meshes, s.register_clients)])
+        fleet.send("go")
+        cpu0, t0 = server.cpu(), time.monotonic()
+        await fleet.expect("done", s.timeout_s)
+        wall = time.monotonic() - t0
+        server_cpu = 100 * (server.cpu() - cpu0) / wall
+        results = await fleet.results()
+    seconds = max(r.get("done_t", 0) for r in results) - min(r["mark_t"] for r in results)
+    out = Outcome(
+        metrics={"seconds": seconds, "per_s": s.register / seconds},
+        server_cpu_pct=server_cpu, loadgen_cpu_pct=load_cpu(results),
+    )  # fmt: skip
+    check(results, out)
+    if (ok := sum(r["ok"] for r in results)) != s.register:
+        out.errors.append(f"{ok}/{s.register} registrations acknowledged")
+    return out
+
+
+async def seed_registry(spec: ServerSpec, ctx: Context) -> None:
+    """Register every mesh of the universe once and keep the server's persisted registry file."""
+    if not spec.uses_registry:
+        return
+    path = ctx.tmp / f"seed-{spec.kind}.json"
+    meshes = ctx.scale.universe
+    t0 = time.monotonic()
+    async with spec.launch(ctx.tmp, registry=path) as server, Fleet(ctx.tmp, "seed") as fleet:
+        await fleet.start([job("register", server, ctx, meshes=c, conns=2) for c in chunks(meshes, ctx.scale.workers)])
+        fleet.send("go")
+        await fleet.expect("done", ctx.scale.timeout_s * 2)
+        results = await fleet.results()
+    if (ok := sum(r["ok"] for r in results)) != len(meshes) or not path.exists():
+        raise RuntimeError(f"seeding {spec.kind}: {ok}/{len(meshes)} registered; {results[0]['errors'][:3]}")
+    ctx.seeds[spec.kind] = path
+    log.info("seeded %s registry with %d meshes in %.1fs", spec.kind, len(meshes), time.monotonic() - t0)
+
+
+Scenario = Callable[[ServerSpec, Context], Awaitable[Outcome]]
+SCENARIOS: dict[str, Scenario] = {
+    "relay": relay,
+    "fanout": fanout,
+    "fanout-max": fanout_max,
+    "conns": conns,
+    "auth-storm": auth_storm,
+    "register": register,
+}

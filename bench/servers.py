@@ -1,0 +1,245 @@
+"""Child processes: the server under test and the load generator workers.
+
+The server is pinned to CPU 0 and the workers to CPU 1 (with `taskset`, when
+it exists and the machine has two CPUs). Every child is stopped by its PID in
+a `finally`, whatever happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wsclient import HttpClient
+
+log = logging.getLogger("bench")
+BENCH_DIR = Path(__file__).resolve().parent
+PYTHON = sys.executable
+HOST = "127.0.0.1"
+SERVER_CPU, LOAD_CPU = 0, 1
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def pinned(cpu: int) -> list[str]:
+    if shutil.which("taskset") and (os.cpu_count() or 1) >= 2:
+        return ["taskset", "-c", str(cpu)]
+    return []
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a live process, from /proc (children not included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def busy_seconds() -> float:
+    """CPU time spent by everything on the machine (all CPUs, idle and iowait excluded)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+async def stop_pid(proc: asyncio.subprocess.Process, *, grace: float = 12.0) -> int | None:
+    """SIGTERM, then SIGKILL after `grace` seconds. Only ever this one PID."""
+    if proc.returncode is None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(proc.wait(), grace)
+        except (TimeoutError, ProcessLookupError):
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    return proc.returncode
+
+
+# --- Servers -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """How to start one server kind. A later `cluster` spec can start several
+    processes (and redis) and expose several endpoints through the same `Running`."""
+
+    kind: str  # "gateway" or "ceiling": the label in the results
+    argv: Sequence[str]
+    env: Mapping[str, str] = field(default_factory=dict)
+    port_flag: bool = False  # pass --port/--host as flags instead of PORT/HOST env
+    uses_registry: bool = True
+
+    def launch(self, logdir: Path, *, registry: Path | None = None) -> Running:
+        return Running(self, logdir, registry)
+
+
+class Running:
+    """A started server: `async with spec.launch(...) as server:`."""
+
+    def __init__(self, spec: ServerSpec, logdir: Path, registry: Path | None) -> None:
+        self.spec, self.logdir, self.registry = spec, logdir, registry
+        self.port = free_port()
+        self.procs: list[asyncio.subprocess.Process] = []
+
+    @property
+    def endpoints(self) -> list[tuple[str, int]]:
+        return [(HOST, self.port)]
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def cpu(self) -> float:
+        return sum(cpu_seconds(pid) for pid in self.pids)
+
+    def rss(self) -> int:
+        return sum(rss_bytes(pid) for pid in self.pids)
+
+    async def __aenter__(self) -> Running:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self, timeout: float = 30.0) -> None:
+        env = {**os.environ, **self.spec.env}
+        argv = [*pinned(SERVER_CPU), *self.spec.argv]
+        if self.spec.port_flag:
+            argv += ["--host", HOST, "--port", str(self.port)]
+        env.update(HOST=HOST, PORT=str(self.port))
+        if self.registry is not None:
+            env["REGISTRY_PATH"] = str(self.registry)
+        self.log_path = self.logdir / f"{self.spec.kind}-{self.port}.log"
+        with open(self.log_path, "ab") as out:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL
+            )
+        self.procs.append(proc)
+        log.info("started %s pid %d on port %d (log %s)", self.spec.kind, proc.pid, self.port, self.log_path)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.returncode is not None:
+                break
+            if await self.health() is not None:
+                return
+            await asyncio.sleep(0.05)
+        await self.stop()
+        raise RuntimeError(f"{self.spec.kind} did not start: {self.log_tail()}")
+
+    async def health(self) -> dict[str, Any] | None:
+        http = HttpClient(HOST, self.port)
+        try:
+            async with asyncio.timeout(5):
+                status, body = await http.request("GET", "/health")
+            return json.loads(body) if status == 200 else None
+        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError):
+            return None
+        finally:
+            await http.aclose()
+
+    async def stop(self) -> None:
+        procs, self.procs = self.procs, []
+        for proc in procs:
+            code = await stop_pid(proc)
+            if code not in (0, -signal.SIGTERM):
+                log.warning("%s pid %d exited with %s: %s", self.spec.kind, proc.pid, code, self.log_tail())
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+# --- Load generator workers ------------------------------------------------------
+
+
+class Worker:
+    """One `loadgen.py` process, spoken to over its stdin/stdout."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, name: str) -> None:
+        self.proc, self.name = proc, name
+        self.events: list[dict[str, Any]] = []
+
+    @classmethod
+    async def start(cls, job: dict[str, Any], logdir: Path, name: str) -> Worker:
+        with open(logdir / f"loadgen-{name}.log", "ab") as err:
+            proc = await asyncio.create_subprocess_exec(
+                *pinned(LOAD_CPU), PYTHON, str(BENCH_DIR / "loadgen.py"),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=err,
+                limit=1 << 28,  # a result line carries the latency samples
+            )  # fmt: skip
+        worker = cls(proc, name)
+        worker.send(json.dumps(job))
+        return worker
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        if not self.proc.stdin.is_closing():
+            self.proc.stdin.write(line.encode() + b"\n")
+
+    async def expect(self, event: str, timeout: float) -> dict[str, Any]:
+        """The next `event` line (earlier events are kept in `events`)."""
+        assert self.proc.stdout is not None
+        async with asyncio.timeout(timeout):
+            while True:
+                line = await self.proc.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"loadgen {self.name} exited ({await self.proc.wait()}) before {event!r}")
+                message = json.loads(line)
+                self.events.append(message)
+                if message["event"] == event:
+                    return message
+
+
+class Fleet:
+    """A group of workers started together: `async with Fleet(logdir) as fleet:`."""
+
+    def __init__(self, logdir: Path, name: str) -> None:
+        self.logdir, self.name = logdir, name
+        self.workers: list[Worker] = []
+
+    async def __aenter__(self) -> Fleet:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for worker in self.workers:
+            await stop_pid(worker.proc, grace=2.0)
+
+    async def start(self, jobs: list[dict[str, Any]], timeout: float = 120.0) -> None:
+        for i, job in enumerate(jobs):
+            self.workers.append(await Worker.start(job, self.logdir, f"{self.name}-{i}"))
+        await self.expect("ready", timeout)
+
+    def send(self, line: str) -> None:
+        for worker in self.workers:
+            worker.send(line)
+
+    async def expect(self, event: str, timeout: float) -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(w.expect(event, timeout) for w in self.workers)))
+
+    async def results(self, timeout: float = 60.0) -> list[dict[str, Any]]:
+        self.send("stop")
+        return await self.expect("result", timeout)

@@ -1,0 +1,951 @@
+"""Mesh Gateway: a federation relay between self-hosted mesh chat nodes.
+
+Nodes register (meshId + secret) over HTTP, connect to /gateway over
+WebSocket, authenticate, discover each other and relay JSON frames.
+The wire protocol is fixed by existing nodes: see PROTOCOL.md.
+
+Run it:   python gateway.py           (settings come from the environment)
+Embed it: gateway = Gateway(settings); mount gateway.routes; enter gateway.lifespan.
+
+The file reads top to bottom, one layer per section:
+Settings -> Protocol -> Registry -> Hub -> Dispatcher -> Endpoints -> Assembly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import math
+import os
+import re
+import sys
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Any, Literal, Protocol
+
+import msgspec
+from msgspec import Meta, Struct
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+log = logging.getLogger("mesh_gateway")
+
+
+# --- Settings ---------------------------------------------------------------
+
+PositiveInt = Annotated[int, Meta(gt=0)]
+PositiveFloat = Annotated[float, Meta(gt=0)]
+
+
+class SettingsError(Exception):
+    """A bad environment value: one line naming the variable and the value."""
+
+
+class Settings(Struct, frozen=True, kw_only=True, rename="upper"):
+    """Every knob, with its default. Field `rate_limit_per_min` is env `RATE_LIMIT_PER_MIN`."""
+
+    port: Annotated[int, Meta(ge=0, le=65535)] = 4000
+    host: str = "0.0.0.0"
+    registry_path: str = "registry.json"
+    redis_url: str | None = None
+    presence_ttl_s: PositiveFloat = 10.0
+    gateway_admin_token: str | None = None
+    payload_policy: Literal["mesh", "passthrough"] = "mesh"
+    rate_limit_per_min: PositiveInt = 60
+    max_frame_bytes: PositiveInt = 10240
+    ws_max_bytes: PositiveInt = 1048576
+    send_buffer_bytes: PositiveInt = 1048576
+    auth_timeout_s: PositiveFloat = 10.0
+    ping_interval_s: PositiveFloat = 20.0
+    ping_timeout_s: PositiveFloat = 20.0
+    ws_per_message_deflate: bool = False
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    def __post_init__(self) -> None:
+        if self.ws_max_bytes < self.max_frame_bytes:
+            raise ValueError(
+                f"WS_MAX_BYTES={self.ws_max_bytes} is below MAX_FRAME_BYTES={self.max_frame_bytes}"
+            )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
+        """The only code that reads the environment. Empty values count as unset."""
+        names = [name.upper() for name in cls.__struct_fields__]
+        raw = {name: environ[name] for name in names if environ.get(name)}
+        for name in ("PAYLOAD_POLICY", "LOG_LEVEL"):
+            if name in raw:
+                raw[name] = raw[name].strip().lower()
+        try:
+            return msgspec.convert(raw, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            found = re.search(r"`\$\.(\w+)`", str(exc))
+            if found is None:
+                raise SettingsError(f"invalid settings: {exc}") from None
+            name = found.group(1)
+            raise SettingsError(f"invalid setting {name}={raw[name]!r}: {exc}") from None
+
+
+# --- Protocol ---------------------------------------------------------------
+# One Struct per frame; the wire tags are the contract, never derived from names.
+
+FrameId = Annotated[str, Meta(max_length=64)]
+
+
+class Frame(Struct, tag_field="type", rename="camel"):
+    pass
+
+
+class Participant(Struct):
+    id: str
+    name: str
+    type: str
+
+
+class Auth(Frame, tag="gateway_auth"):
+    mesh_id: str
+    secret: str
+    participants: list[Participant] = []
+    public_rooms: list[str] = []
+
+
+class Discover(Frame, tag="gateway_discover"):
+    pass
+
+
+class Relay(Frame, tag="gateway_relay"):
+    target_mesh_id: str
+    payload: dict[str, Any]
+    id: FrameId | None = None
+
+
+class Broadcast(Frame, tag="gateway_broadcast"):
+    payload: dict[str, Any]
+    id: FrameId | None = None
+
+
+class UpdateParticipants(Frame, tag="gateway_update_participants"):
+    participants: list[Participant]
+
+
+class UpdateRooms(Frame, tag="gateway_update_rooms"):
+    public_rooms: list[str]
+
+
+ClientFrame = Auth | Discover | Relay | Broadcast | UpdateParticipants | UpdateRooms
+CLIENT_TAGS = frozenset(cls.__struct_config__.tag for cls in ClientFrame.__args__)
+
+
+class AuthOk(Frame, tag="gateway_auth_ok"):
+    mesh_id: str
+    name: str
+
+
+class AuthError(Frame, tag="gateway_auth_error"):
+    message: str
+
+
+class Instance(Struct, rename="camel"):
+    mesh_id: str
+    name: str
+    public_rooms: list[str]
+
+
+class DiscoverResult(Frame, tag="gateway_discover_result"):
+    instances: list[Instance]
+
+
+class Incoming(Frame, tag="gateway_incoming"):
+    from_mesh_id: str
+    from_mesh_name: str
+    payload: dict[str, Any]
+
+
+class ParticipantGroup(Struct, rename="camel"):
+    mesh_id: str
+    mesh_name: str
+    participants: list[Participant]
+
+
+class Participants(Frame, tag="gateway_participants"):
+    remote_participants: list[ParticipantGroup]
+
+
+class Error(Frame, tag="error", omit_defaults=True):
+    message: str
+    code: str
+    id: str | None = None
+    target_mesh_id: str | None = None
+    retry_after_ms: int | None = None
+
+
+class Ack(Frame, tag="gateway_ack"):
+    id: str
+    delivered: int
+
+
+class FrameHead(Struct):
+    """What an undecodable frame still tells us: its type and id, if any."""
+
+    type: Any = None
+    id: Any = None
+
+
+frame_decoder = msgspec.json.Decoder(ClientFrame)
+head_decoder = msgspec.json.Decoder(FrameHead)
+encoder = msgspec.json.Encoder()
+
+# Error codes (stable, part of the protocol).
+INVALID_JSON = "invalid_json"
+INVALID_FRAME = "invalid_frame"
+UNKNOWN_TYPE = "unknown_type"
+FRAME_TOO_LARGE = "frame_too_large"
+ALREADY_AUTHENTICATED = "already_authenticated"
+TARGET_OFFLINE = "target_offline"
+RATE_LIMITED = "rate_limited"
+BACKPLANE_UNAVAILABLE = "backplane_unavailable"
+
+# Close codes (also in README.md).
+CLOSE_POLICY = 1008  # bad credentials, auth timeout
+CLOSE_TOO_BIG = 1009  # message over WS_MAX_BYTES
+CLOSE_INTERNAL = 1011  # unexpected server error (uvicorn also uses it for ping timeout)
+CLOSE_RESTART = 1012  # gateway shutting down: reconnect
+CLOSE_TRY_AGAIN = 1013  # send buffer full, or backplane down during auth
+CLOSE_REPLACED = 4000  # a newer connection authenticated as this mesh
+CLOSE_UNREGISTERED = 4001  # the mesh was deleted
+
+# Payload policy "mesh": a whitelist of what a federated chat message may carry.
+PAYLOAD_KEYS = frozenset({"type", "message"})
+MESSAGE_KEYS = frozenset(
+    {"id", "roomId", "senderId", "senderName", "content", "isDm", "createdAt", "fromMesh", "fromMeshId", "roomName"}
+)
+
+
+def sanitize(payload: dict[str, Any]) -> dict[str, Any]:
+    """Keep only whitelisted keys; a relayed message is never trusted as local."""
+    clean = {key: value for key, value in payload.items() if key in PAYLOAD_KEYS}
+    message = clean.get("message")
+    if isinstance(message, dict):
+        message = {key: value for key, value in message.items() if key in MESSAGE_KEYS}
+        message["trustLevel"] = "federated"
+        clean["message"] = message
+    return clean
+
+
+def utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode())
+
+
+def decode_frame(data: str | bytes) -> ClientFrame | Error:
+    """One message off the socket: a typed frame, or the error frame that answers it."""
+    if isinstance(data, bytes):  # binary frames must hold UTF-8 JSON too
+        try:
+            data = data.decode()
+        except UnicodeDecodeError as exc:
+            return Error(message=f"invalid JSON: binary frame is not UTF-8 ({exc.reason})", code=INVALID_JSON)
+    try:
+        return frame_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        return decode_error(data, exc)
+
+
+def read_head(data: str | bytes) -> FrameHead | None:
+    try:
+        return head_decoder.decode(data)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return None
+
+
+def decode_error(data: str, exc: msgspec.DecodeError) -> Error:
+    """Classify a frame that failed to decode (the slow path only bad frames take)."""
+    head = read_head(data)
+    frame_id = frame_id_of(head)
+    if not isinstance(exc, msgspec.ValidationError):
+        return Error(message=f"invalid JSON: {exc}", code=INVALID_JSON)
+    if head is not None and isinstance(head.type, str) and head.type not in CLIENT_TAGS:
+        return Error(message=f"unknown frame type {head.type!r}", code=UNKNOWN_TYPE, id=frame_id)
+    return Error(message=f"invalid frame: {exc}", code=INVALID_FRAME, id=frame_id)
+
+
+def frame_id_of(head: FrameHead | None) -> str | None:
+    if head is not None and isinstance(head.id, str) and len(head.id) <= 64:
+        return head.id
+    return None
+
+
+# --- Registry ---------------------------------------------------------------
+# Where meshes and their hashed secrets live. Secrets are hashed with salted
+# PBKDF2-HMAC-SHA256, off the event loop; the cost is sized so 5,000 meshes
+# reconnecting at once all authenticate within 10 s on one core.
+
+PBKDF2_ITERATIONS = 1500
+LEGACY_HEX = re.compile(r"[0-9a-fA-F]{64}")
+
+
+class Mesh(Struct, frozen=True, rename="camel"):
+    """One registration, as stored. `secret_hash` is never the secret."""
+
+    mesh_id: str
+    name: str
+    secret_hash: str
+    created: float | None = None
+
+
+def hash_secret(secret: str, *, iterations: int = PBKDF2_ITERATIONS) -> str:
+    salt = os.urandom(16)
+    digest = hashlib.pbkdf2_hmac("sha256", secret.encode(), salt, iterations)
+    return f"pbkdf2_sha256${iterations}${salt.hex()}${digest.hex()}"
+
+
+def verify_secret(secret: str, secret_hash: str) -> bool:
+    """Constant-time check against our salted hash or the Node gateway's bare SHA-256 hex."""
+    if LEGACY_HEX.fullmatch(secret_hash):
+        return hmac.compare_digest(hashlib.sha256(secret.encode()).hexdigest(), secret_hash.lower())
+    try:
+        scheme, iterations, salt, digest = secret_hash.split("$")
+        computed = hashlib.pbkdf2_hmac("sha256", secret.encode(), bytes.fromhex(salt), int(iterations))
+    except ValueError:
+        log.error("unreadable secret hash in registry")
+        return False
+    return scheme == "pbkdf2_sha256" and hmac.compare_digest(computed.hex(), digest)
+
+
+def is_legacy(secret_hash: str) -> bool:
+    return LEGACY_HEX.fullmatch(secret_hash) is not None
+
+
+# Checked when a mesh is unknown, so a wrong id costs as long as a wrong secret.
+DUMMY_HASH = hash_secret("not-a-real-secret")
+
+
+class Registry(Protocol):
+    """Compare-and-set storage: every write names the entry it expects to replace."""
+
+    async def get(self, mesh_id: str) -> Mesh | None: ...
+
+    async def put(self, mesh: Mesh, *, expect: Mesh | None) -> bool: ...
+
+    async def delete(self, mesh: Mesh) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+def load_registry_file(path: str) -> dict[str, Mesh]:
+    """Read our file or the Node gateway's (a list of entries, or an object keyed by meshId)."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except FileNotFoundError:
+        return {}
+    raw = msgspec.json.decode(data) if data.strip() else []
+    if isinstance(raw, dict):
+        raw = [{"meshId": key, **value} for key, value in raw.items()]
+    return {mesh.mesh_id: mesh for mesh in msgspec.convert(raw, list[Mesh])}
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Temp file, fsync, rename, fsync the folder: a crash leaves the old file or the new one."""
+    temp = f"{path}.tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+class FileRegistry:
+    """The embedded default: all meshes in memory, durably mirrored to one JSON file.
+
+    Concurrent changes share one rewrite (group commit): each caller waits for the
+    first write that starts after its change, so a 200 always means "on disk".
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.meshes = load_registry_file(path)
+        self._version = 0  # bumped by every change
+        self._saved = 0  # the version last made durable
+        self._saving: asyncio.Task[None] | None = None
+
+    async def get(self, mesh_id: str) -> Mesh | None:
+        return self.meshes.get(mesh_id)
+
+    async def put(self, mesh: Mesh, *, expect: Mesh | None) -> bool:
+        if self.meshes.get(mesh.mesh_id) != expect:
+            return False
+        self.meshes[mesh.mesh_id] = mesh
+        await self._commit()
+        return True
+
+    async def delete(self, mesh: Mesh) -> bool:
+        if self.meshes.get(mesh.mesh_id) != mesh:
+            return False
+        del self.meshes[mesh.mesh_id]
+        await self._commit()
+        return True
+
+    async def close(self) -> None:
+        if self._saved < self._version:
+            await self._commit()
+
+    async def _commit(self) -> None:
+        self._version += 1
+        wanted = self._version
+        while self._saved < wanted:
+            if self._saving is None or self._saving.done():
+                self._saving = asyncio.create_task(self._save())
+            await asyncio.shield(self._saving)
+
+    async def _save(self) -> None:
+        version = self._version
+        data = encoder.encode(list(self.meshes.values()))
+        await asyncio.get_running_loop().run_in_executor(None, write_atomically, self.path, data)
+        self._saved = version
+
+
+# --- Hub ----------------------------------------------------------------------
+# The live connections. Each peer owns a bounded outbound queue and one writer
+# task; the hub only appends to queues, so it never awaits a slow peer.
+
+# uvicorn pauses a socket's writes once its transport holds 64 KiB (asyncio's
+# default high-water mark); that much of SEND_BUFFER_BYTES is left for it.
+TRANSPORT_HIGH_WATER = 64 * 1024
+
+
+class Close(Struct, frozen=True):
+    code: int
+    reason: str = ""
+
+
+class TokenBucket:
+    """`rate_per_min` tokens a minute, with that many as burst."""
+
+    __slots__ = ("capacity", "per_second", "tokens", "stamp")
+
+    def __init__(self, rate_per_min: int) -> None:
+        self.capacity = float(rate_per_min)
+        self.per_second = rate_per_min / 60.0
+        self.tokens = self.capacity
+        self.stamp = time.monotonic()
+
+    def take(self) -> int:
+        """0 if a token was taken, else the milliseconds until one is available."""
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.per_second)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0
+        return math.ceil((1.0 - self.tokens) / self.per_second * 1000)
+
+
+class Peer:
+    """One WebSocket connection: before auth a stranger, after it one mesh."""
+
+    def __init__(self, websocket: WebSocket, settings: Settings) -> None:
+        self.websocket = websocket
+        self.mesh_id: str | None = None
+        self.name = ""
+        self.participants: list[Participant] = []
+        self.public_rooms: list[str] = []
+        self.bucket = TokenBucket(settings.rate_limit_per_min)
+        self.closing = False
+        self.on_close: Callable[[Peer], None] | None = None  # set by the hub that holds this peer
+        self.queue: deque[str | Close] = deque()
+        self.queued = 0  # bytes waiting in `queue`
+        self.limit = max(settings.send_buffer_bytes - TRANSPORT_HIGH_WATER, settings.send_buffer_bytes // 2)
+        self.wakeup = asyncio.Event()
+        self.writer = asyncio.create_task(self._write_loop())
+
+    def send(self, text: str, size: int) -> bool:
+        """Queue one text frame of `size` bytes; a peer that stops reading is cut off, not waited for."""
+        if self.closing:
+            return False
+        if self.queued + size > self.limit:
+            log.warning("mesh %s: send buffer full, closing", self.mesh_id)
+            self.close(CLOSE_TRY_AGAIN, "send buffer full", flush=False)
+            return False
+        self.queue.append(text)
+        self.queued += size
+        self.wakeup.set()
+        return True
+
+    def send_frame(self, frame: Frame) -> bool:
+        data = encoder.encode(frame)
+        return self.send(data.decode(), len(data))
+
+    def close(self, code: int, reason: str = "", *, flush: bool = True) -> None:
+        """Close after what is queued (or, with flush=False, instead of it)."""
+        if self.closing:
+            return
+        self.closing = True
+        if not flush:
+            self.queue.clear()
+            self.queued = 0
+        self.queue.append(Close(code, reason))
+        self.wakeup.set()
+        if self.on_close is not None:
+            self.on_close(self)
+
+    def group(self) -> ParticipantGroup:
+        return ParticipantGroup(mesh_id=self.mesh_id or "", mesh_name=self.name, participants=self.participants)
+
+    async def _write_loop(self) -> None:
+        send = self.websocket.send
+        queue = self.queue
+        try:
+            while True:
+                if not queue:
+                    self.wakeup.clear()
+                    await self.wakeup.wait()
+                    continue
+                item = queue.popleft()
+                if isinstance(item, Close):
+                    await self.websocket.close(item.code, item.reason)
+                    return
+                await send({"type": "websocket.send", "text": item})
+                self.queued -= utf8_size(item)
+        except WebSocketDisconnect:
+            return  # the reader sees the disconnect and tears the peer down
+
+
+def text_frame(frame: Frame) -> tuple[str, int]:
+    data = encoder.encode(frame)
+    return data.decode(), len(data)
+
+
+class Hub:
+    """The meshes connected to this process, by id (one live peer per mesh)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.peers: dict[str, Peer] = {}
+        self.sanitize = sanitize if settings.payload_policy == "mesh" else None
+        self.healthy = True
+
+    async def attach(self, peer: Peer) -> None:
+        """Make `peer` the mesh's live connection and exchange participant lists."""
+        assert peer.mesh_id is not None
+        old = self.peers.get(peer.mesh_id)
+        self.peers[peer.mesh_id] = peer
+        peer.on_close = self.forget
+        had_participants = False
+        if old is not None and old is not peer:
+            had_participants = bool(old.participants)
+            old.close(CLOSE_REPLACED, "replaced")
+        groups = [other.group() for other in self.peers.values() if other is not peer and other.participants]
+        if groups:
+            peer.send_frame(Participants(remote_participants=groups))
+        if peer.participants or had_participants:
+            self.announce(peer)
+
+    async def detach(self, peer: Peer) -> None:
+        """The peer's connection ended."""
+        self.forget(peer)
+
+    def forget(self, peer: Peer) -> None:
+        """Drop `peer` unless a newer connection already replaced it; no ghost participants remain."""
+        if peer.mesh_id is None or self.peers.get(peer.mesh_id) is not peer:
+            return
+        del self.peers[peer.mesh_id]
+        if peer.participants:
+            peer.participants = []
+            self.announce(peer)
+
+    def announce(self, peer: Peer) -> None:
+        """Send `peer`'s participant group to every other mesh."""
+        text, size = text_frame(Participants(remote_participants=[peer.group()]))
+        for other in list(self.peers.values()):
+            if other is not peer:
+                other.send(text, size)
+
+    def incoming(self, sender: Peer, payload: dict[str, Any]) -> tuple[str, int]:
+        if self.sanitize is not None:
+            payload = self.sanitize(payload)
+        return text_frame(Incoming(from_mesh_id=sender.mesh_id or "", from_mesh_name=sender.name, payload=payload))
+
+    async def relay(self, sender: Peer, target: str, payload: dict[str, Any]) -> bool:
+        peer = self.peers.get(target)
+        if peer is None:
+            return False
+        text, size = self.incoming(sender, payload)
+        return peer.send(text, size)
+
+    async def broadcast(self, sender: Peer, payload: dict[str, Any]) -> int:
+        """Encode once, queue the same text for every other mesh; returns how many took it."""
+        text, size = self.incoming(sender, payload)
+        delivered = 0
+        for peer in list(self.peers.values()):
+            if peer is not sender and peer.send(text, size):
+                delivered += 1
+        return delivered
+
+    async def instances(self) -> list[Instance]:
+        return [Instance(mesh_id=p.mesh_id or "", name=p.name, public_rooms=p.public_rooms) for p in self.peers.values()]
+
+    async def set_participants(self, peer: Peer, participants: list[Participant]) -> None:
+        peer.participants = participants
+        self.announce(peer)
+
+    async def set_rooms(self, peer: Peer, rooms: list[str]) -> None:
+        peer.public_rooms = rooms
+
+    def rename(self, mesh_id: str, name: str) -> None:
+        peer = self.peers.get(mesh_id)
+        if peer is not None:
+            peer.name = name
+
+    def kick(self, mesh_id: str, code: int, reason: str) -> None:
+        peer = self.peers.get(mesh_id)
+        if peer is not None:
+            peer.close(code, reason)
+
+    def close_all(self, code: int, reason: str) -> list[asyncio.Task[None]]:
+        writers = []
+        for peer in list(self.peers.values()):
+            peer.close(code, reason)
+            writers.append(peer.writer)
+        return writers
+
+
+# --- Dispatcher -------------------------------------------------------------
+
+
+async def dispatch(peer: Peer, frame: ClientFrame, hub: Hub) -> None:
+    """Handle one decoded frame from an authenticated peer."""
+    match frame:
+        case Discover():
+            peer.send_frame(DiscoverResult(instances=await hub.instances()))
+        case Relay(target_mesh_id=target, payload=payload, id=frame_id):
+            if not admit(peer, frame_id):
+                return
+            if not await hub.relay(peer, target, payload):
+                peer.send_frame(
+                    Error(
+                        message=f"mesh {target!r} is not connected",
+                        code=TARGET_OFFLINE,
+                        id=frame_id,
+                        target_mesh_id=target,
+                    )
+                )
+            elif frame_id is not None:
+                peer.send_frame(Ack(id=frame_id, delivered=1))
+        case Broadcast(payload=payload, id=frame_id):
+            if not admit(peer, frame_id):
+                return
+            delivered = await hub.broadcast(peer, payload)
+            if frame_id is not None:
+                peer.send_frame(Ack(id=frame_id, delivered=delivered))
+        case UpdateParticipants(participants=participants):
+            await hub.set_participants(peer, participants)
+        case UpdateRooms(public_rooms=rooms):
+            await hub.set_rooms(peer, rooms)
+        case Auth():
+            peer.send_frame(Error(message="already authenticated", code=ALREADY_AUTHENTICATED))
+
+
+def admit(peer: Peer, frame_id: str | None) -> bool:
+    """Rate limit relays and broadcasts; an over-limit frame is answered, never relayed."""
+    wait_ms = peer.bucket.take()
+    if wait_ms:
+        peer.send_frame(
+            Error(message="rate limit exceeded", code=RATE_LIMITED, id=frame_id, retry_after_ms=wait_ms)
+        )
+    return not wait_ms
+
+
+# --- Endpoints --------------------------------------------------------------
+
+MeshIdField = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+SecretField = Annotated[str, Meta(min_length=8, max_length=512)]
+NameField = Annotated[str, Meta(min_length=1, max_length=100)]
+MAX_BODY_BYTES = 16 * 1024
+
+
+class RegisterBody(Struct, rename="camel"):
+    mesh_id: MeshIdField
+    secret: SecretField
+    name: NameField
+    new_secret: SecretField | None = None
+
+
+class UnregisterBody(Struct, rename="camel"):
+    mesh_id: MeshIdField
+    secret: SecretField | None = None
+
+
+class Reject(Exception):
+    """An HTTP error answer: status and a message for the JSON body."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def json_response(content: Any, status: int = 200) -> Response:
+    return Response(encoder.encode(content), status_code=status, media_type="application/json")
+
+
+async def read_json(request: Request, kind: type[Struct]) -> Any:
+    """The body, decoded into `kind`; 413 past 16 KiB whether declared or streamed."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise Reject(413, "body larger than 16 KiB")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise Reject(413, "body larger than 16 KiB")
+    try:
+        value = msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        raise Reject(400, str(exc)) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise Reject(400, f"invalid JSON: {exc}") from None
+    if isinstance(value, RegisterBody) and not value.name.isprintable():
+        raise Reject(400, "name must be printable - at `$.name`")
+    return value
+
+
+# --- Assembly ---------------------------------------------------------------
+
+
+class Gateway:
+    """The gateway's routes and lifespan, for `create_app` or a host app to mount."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings.from_env()
+        self.routes: list[BaseRoute] = [
+            Route("/register", self.register, methods=["POST", "DELETE"]),
+            Route("/health", self.health, methods=["GET"]),
+            WebSocketRoute("/gateway", self.gateway_ws),
+        ]
+        self._hub: Hub | None = None
+        self._registry: Registry | None = None
+        self._hasher: ThreadPoolExecutor | None = None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: object = None) -> AsyncIterator[None]:
+        """Open the registry and hub; on exit close every socket (1012) and persist."""
+        self._registry = FileRegistry(self.settings.registry_path)
+        self._hub = Hub(self.settings)
+        # Hashing releases the GIL: two threads keep auth bursts off the event loop.
+        self._hasher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mesh-hash")
+        log.info("gateway ready (registry %s)", self.settings.registry_path)
+        try:
+            yield
+        finally:
+            writers = self._hub.close_all(CLOSE_RESTART, "service restart")
+            if writers:
+                await asyncio.wait(writers, timeout=2)
+            await self._registry.close()
+            self._hasher.shutdown(wait=False, cancel_futures=True)
+            self._hub = self._registry = self._hasher = None
+            log.info("gateway stopped")
+
+    @property
+    def hub(self) -> Hub:
+        if self._hub is None:
+            raise RuntimeError("the gateway's lifespan is not running: enter Gateway.lifespan from the host app")
+        return self._hub
+
+    @property
+    def registry(self) -> Registry:
+        if self._registry is None:
+            raise RuntimeError("the gateway's lifespan is not running: enter Gateway.lifespan from the host app")
+        return self._registry
+
+    async def _hash(self, secret: str) -> str:
+        return await asyncio.get_running_loop().run_in_executor(self._hasher, hash_secret, secret)
+
+    async def _verify(self, secret: str, secret_hash: str) -> bool:
+        return await asyncio.get_running_loop().run_in_executor(self._hasher, verify_secret, secret, secret_hash)
+
+    def _is_admin(self, request: Request) -> bool:
+        token = self.settings.gateway_admin_token
+        offered = request.headers.get("authorization", "")
+        return token is not None and hmac.compare_digest(offered.encode(), f"Bearer {token}".encode())
+
+    # --- Endpoints: HTTP ---
+
+    async def register(self, request: Request) -> Response:
+        try:
+            if request.method == "DELETE":
+                return await self._unregister(request)
+            return await self._register(request)
+        except Reject as exc:
+            return json_response({"error": exc.message}, exc.status)
+
+    async def _register(self, request: Request) -> Response:
+        admin = self._is_admin(request)
+        if self.settings.gateway_admin_token is not None and not admin:
+            raise Reject(401, "registration is closed: Authorization: Bearer <token> required")
+        body: RegisterBody = await read_json(request, RegisterBody)
+        for _ in range(3):  # compare-and-set: retry if another request changed the entry meanwhile
+            current = await self.registry.get(body.mesh_id)
+            if current is None or admin:
+                secret_hash = await self._hash(body.new_secret or body.secret)
+            elif not await self._verify(body.secret, current.secret_hash):
+                log.info("register %s refused: already registered", body.mesh_id)
+                raise Reject(409, "meshId already registered")
+            elif body.new_secret is not None or is_legacy(current.secret_hash):
+                secret_hash = await self._hash(body.new_secret or body.secret)
+            elif body.name == current.name:
+                return json_response({"ok": True, "created": False})  # a node's UI re-registering
+            else:
+                secret_hash = current.secret_hash
+            created = current.created if current is not None else time.time()
+            mesh = Mesh(mesh_id=body.mesh_id, name=body.name, secret_hash=secret_hash, created=created)
+            if await self.registry.put(mesh, expect=current):
+                self.hub.rename(mesh.mesh_id, mesh.name)
+                log.info("mesh %s %s", mesh.mesh_id, "registered" if current is None else "updated")
+                return json_response({"ok": True, "created": current is None})
+        raise Reject(409, "meshId already registered")
+
+    async def _unregister(self, request: Request) -> Response:
+        admin = self._is_admin(request)
+        body: UnregisterBody = await read_json(request, UnregisterBody)
+        current = await self.registry.get(body.mesh_id)
+        if current is None:
+            raise Reject(404, "unknown meshId")
+        if not admin:
+            if body.secret is None:
+                raise Reject(400, "Object missing required field `secret`")
+            if not await self._verify(body.secret, current.secret_hash):
+                raise Reject(403, "wrong secret")
+        if not await self.registry.delete(current):
+            raise Reject(409, "meshId changed meanwhile, retry")
+        self.hub.kick(body.mesh_id, CLOSE_UNREGISTERED, "unregistered")
+        log.info("mesh %s unregistered", body.mesh_id)
+        return json_response({"ok": True})
+
+    async def health(self, request: Request) -> Response:
+        hub = self.hub
+        status = 200 if hub.healthy else 503
+        return json_response({"ok": hub.healthy, "connected": len(hub.peers)}, status)
+
+    # --- Endpoints: WebSocket ---
+
+    async def gateway_ws(self, websocket: WebSocket) -> None:
+        hub = self.hub
+        await websocket.accept()
+        peer = Peer(websocket, self.settings)
+        deadline = asyncio.get_running_loop().call_later(self.settings.auth_timeout_s, self._auth_timeout, peer)
+        try:
+            while True:
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                if peer.closing:
+                    continue
+                data = message.get("text")
+                await self._handle(peer, data if data is not None else message.get("bytes", b""), hub)
+                if peer.mesh_id is not None:
+                    deadline.cancel()
+        except Exception:
+            log.exception("mesh %s: connection failed", peer.mesh_id)
+            peer.close(CLOSE_INTERNAL, "internal error")
+            await asyncio.wait([peer.writer], timeout=2)
+        finally:
+            deadline.cancel()
+            peer.writer.cancel()
+            await hub.detach(peer)
+
+    async def _handle(self, peer: Peer, data: str | bytes, hub: Hub) -> None:
+        """Size-check and decode one message, then authenticate or dispatch it."""
+        size = utf8_size(data) if isinstance(data, str) else len(data)
+        if size > self.settings.max_frame_bytes:
+            if size > self.settings.ws_max_bytes:  # only reached when an embedding server allows more
+                peer.close(CLOSE_TOO_BIG, "message too big", flush=False)
+                return
+            message = f"frame of {size} bytes exceeds MAX_FRAME_BYTES={self.settings.max_frame_bytes}"
+            peer.send_frame(Error(message=message, code=FRAME_TOO_LARGE, id=frame_id_of(read_head(data))))
+            return
+        frame = decode_frame(data)
+        if isinstance(frame, Error):
+            peer.send_frame(frame)
+        elif peer.mesh_id is not None:
+            await dispatch(peer, frame, hub)
+        elif isinstance(frame, Auth):
+            await self._authenticate(peer, frame, hub)
+        else:
+            peer.send_frame(AuthError(message="Not authenticated"))
+
+    async def _authenticate(self, peer: Peer, frame: Auth, hub: Hub) -> None:
+        mesh = await self.registry.get(frame.mesh_id)
+        valid = await self._verify(frame.secret, mesh.secret_hash if mesh else DUMMY_HASH)
+        if peer.closing:
+            return  # the auth deadline passed meanwhile
+        if mesh is None or not valid:
+            log.info("auth refused for %r", frame.mesh_id[:64])
+            peer.send_frame(AuthError(message="Invalid credentials"))
+            peer.close(CLOSE_POLICY, "invalid credentials")
+            return
+        if is_legacy(mesh.secret_hash):  # Node gateway's unsalted hash: upgrade it now
+            upgraded = Mesh(mesh.mesh_id, mesh.name, await self._hash(frame.secret), mesh.created or time.time())
+            await self.registry.put(upgraded, expect=mesh)
+            log.info("mesh %s: secret hash upgraded", mesh.mesh_id)
+        peer.mesh_id, peer.name = mesh.mesh_id, mesh.name
+        peer.participants, peer.public_rooms = frame.participants, frame.public_rooms
+        peer.send_frame(AuthOk(mesh_id=mesh.mesh_id, name=mesh.name))
+        await hub.attach(peer)
+        log.info("mesh %s connected", mesh.mesh_id)
+
+    def _auth_timeout(self, peer: Peer) -> None:
+        if peer.mesh_id is None and not peer.closing:
+            peer.send_frame(AuthError(message="Auth timeout"))
+            peer.close(CLOSE_POLICY, "auth timeout")
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    gateway = Gateway(settings)
+    return Starlette(routes=gateway.routes, lifespan=gateway.lifespan)
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """How `python gateway.py` (and so the Procfile) runs uvicorn: the fastest stack
+    that still applies write backpressure (websockets-sansio, uvloop, httptools)."""
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "ws": "websockets-sansio",
+        "loop": "uvloop",
+        "http": "httptools",
+        "ws_max_size": settings.ws_max_bytes,
+        "ws_ping_interval": settings.ping_interval_s,
+        "ws_ping_timeout": settings.ping_timeout_s,
+        "ws_per_message_deflate": settings.ws_per_message_deflate,
+        "timeout_graceful_shutdown": 5,
+        "log_level": settings.log_level,
+        "server_header": False,
+    }
+
+
+def main() -> None:
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        sys.exit(str(exc))
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    uvicorn.run(create_app(settings), **uvicorn_options(settings))
+
+
+if __name__ == "__main__":
+    main()

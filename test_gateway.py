@@ -1,0 +1,1050 @@
+"""Mesh Gateway tests, ordered like the layers of gateway.py:
+settings and protocol (no I/O) -> registry -> dispatcher with an in-memory hub ->
+HTTP and WebSocket through a real uvicorn server -> whole processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+import uvicorn
+import websockets
+from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
+from starlette.applications import Starlette
+from starlette.routing import Mount
+from websockets.asyncio.client import ClientConnection, connect
+
+import gateway as gw
+from gateway import Settings
+
+HERE = Path(__file__).parent
+FIXTURE = HERE.parent / "shared" / "fixtures" / "node-session.jsonl"
+TIMEOUT = 5.0
+
+MESSAGE = {
+    "type": "new_message",
+    "message": {
+        "id": "m1",
+        "roomId": "r1",
+        "roomName": "general",
+        "senderId": "u1",
+        "senderName": "alice",
+        "content": "hello",
+        "isDm": False,
+        "createdAt": "2026-11-28T00:00:00.000Z",
+        "trustLevel": "local",
+        "secretField": "dropped",
+    },
+    "extra": "dropped",
+}
+
+
+# --- Settings -----------------------------------------------------------------
+
+
+def test_settings_defaults_match_protocol() -> None:
+    s = Settings.from_env({})
+    assert (s.port, s.host, s.registry_path, s.redis_url) == (4000, "0.0.0.0", "registry.json", None)
+    assert (s.rate_limit_per_min, s.max_frame_bytes, s.ws_max_bytes, s.send_buffer_bytes) == (60, 10240, 1048576, 1048576)
+    assert (s.auth_timeout_s, s.ping_interval_s, s.ping_timeout_s, s.presence_ttl_s) == (10, 20, 20, 10)
+    assert (s.payload_policy, s.log_level, s.gateway_admin_token, s.ws_per_message_deflate) == ("mesh", "info", None, False)
+
+
+def test_settings_convert_strings() -> None:
+    s = Settings.from_env({"PORT": "8080", "PING_TIMEOUT_S": "2.5", "PAYLOAD_POLICY": "PASSTHROUGH", "REDIS_URL": ""})
+    assert (s.port, s.ping_timeout_s, s.payload_policy, s.redis_url) == (8080, 2.5, "passthrough", None)
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"RATE_LIMIT_PER_MIN": "abc"}, "RATE_LIMIT_PER_MIN='abc'"),
+        ({"MAX_FRAME_BYTES": "0"}, "MAX_FRAME_BYTES='0'"),
+        ({"AUTH_TIMEOUT_S": "-1"}, "AUTH_TIMEOUT_S='-1'"),
+        ({"PAYLOAD_POLICY": "open"}, "PAYLOAD_POLICY='open'"),
+        ({"SEND_BUFFER_BYTES": "1e"}, "SEND_BUFFER_BYTES='1e'"),
+        ({"WS_MAX_BYTES": "1000"}, "WS_MAX_BYTES=1000"),
+    ],
+)
+def test_settings_reject_bad_values(env: dict[str, str], needle: str) -> None:
+    with pytest.raises(gw.SettingsError) as info:
+        Settings.from_env(env)
+    assert needle in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+# --- Protocol -----------------------------------------------------------------
+
+
+def test_client_frames_decode_to_structs() -> None:
+    frame = gw.frame_decoder.decode(
+        b'{"type":"gateway_auth","meshId":"a","secret":"s","participants":[{"id":"1","name":"x","type":"user"}],"future":1}'
+    )
+    assert frame == gw.Auth(mesh_id="a", secret="s", participants=[gw.Participant("1", "x", "user")])
+    assert gw.frame_decoder.decode('{"type":"gateway_discover"}') == gw.Discover()
+    relay = gw.frame_decoder.decode('{"type":"gateway_relay","targetMeshId":"b","payload":{"k":1},"id":"7"}')
+    assert relay == gw.Relay(target_mesh_id="b", payload={"k": 1}, id="7")
+    assert gw.frame_decoder.decode('{"type":"gateway_update_rooms","publicRooms":["x"]}') == gw.UpdateRooms(["x"])
+
+
+def test_server_frames_encode_wire_names() -> None:
+    assert json.loads(gw.encoder.encode(gw.AuthOk(mesh_id="a", name="A"))) == {
+        "type": "gateway_auth_ok",
+        "meshId": "a",
+        "name": "A",
+    }
+    group = gw.ParticipantGroup(mesh_id="a", mesh_name="A", participants=[])
+    assert json.loads(gw.encoder.encode(gw.Participants(remote_participants=[group]))) == {
+        "type": "gateway_participants",
+        "remoteParticipants": [{"meshId": "a", "meshName": "A", "participants": []}],
+    }
+    error = gw.Error(message="m", code=gw.TARGET_OFFLINE, id="1", target_mesh_id="b")
+    assert json.loads(gw.encoder.encode(error)) == {
+        "type": "error",
+        "message": "m",
+        "code": "target_offline",
+        "id": "1",
+        "targetMeshId": "b",
+    }
+
+
+BAD_FRAMES = [
+    ("not json", gw.INVALID_JSON, None),
+    (b"\xff\xfe{", gw.INVALID_JSON, None),
+    ('{"type":"gateway_relay","targetMeshId":"b","payload":"\xff"}'.encode("latin-1"), gw.INVALID_JSON, None),
+    ("[1,2]", gw.INVALID_FRAME, "object"),
+    ('"gateway_discover"', gw.INVALID_FRAME, "object"),
+    ("{}", gw.INVALID_FRAME, "`type`"),
+    ('{"type":5}', gw.INVALID_FRAME, "$.type"),
+    ('{"type":"gateway_nope"}', gw.UNKNOWN_TYPE, "gateway_nope"),
+    ('{"type":"gateway_relay","targetMeshId":"b","payload":null,"id":"x1"}', gw.INVALID_FRAME, "$.payload"),
+    ('{"type":"gateway_relay","targetMeshId":5,"payload":{}}', gw.INVALID_FRAME, "$.targetMeshId"),
+    ('{"type":"gateway_relay","payload":{}}', gw.INVALID_FRAME, "targetMeshId"),
+    ('{"type":"gateway_broadcast","payload":[],"id":"x2"}', gw.INVALID_FRAME, "$.payload"),
+    ('{"type":"gateway_broadcast","payload":{},"id":"' + "x" * 65 + '"}', gw.INVALID_FRAME, "$.id"),
+    ('{"type":"gateway_auth","meshId":1,"secret":"s"}', gw.INVALID_FRAME, "$.meshId"),
+    ('{"type":"gateway_update_participants","participants":[{"id":1}]}', gw.INVALID_FRAME, "$.participants[0]"),
+    ('{"type":"gateway_update_rooms","publicRooms":"general"}', gw.INVALID_FRAME, "$.publicRooms"),
+]
+
+
+@pytest.mark.parametrize(("data", "code", "needle"), BAD_FRAMES)
+def test_bad_frames_are_classified(data: str | bytes, code: str, needle: str | None) -> None:
+    error = gw.decode_frame(data)
+    assert isinstance(error, gw.Error)
+    assert error.code == code
+    if needle:
+        assert needle in error.message
+
+
+def test_decode_error_carries_valid_id_only() -> None:
+    error = gw.decode_frame('{"type":"gateway_relay","payload":null,"id":"abc"}')
+    assert isinstance(error, gw.Error) and error.id == "abc"
+    error = gw.decode_frame('{"type":"gateway_relay","payload":null,"id":"' + "y" * 65 + '"}')
+    assert isinstance(error, gw.Error) and error.id is None
+
+
+def test_sanitize_keeps_whitelist_and_forces_federated() -> None:
+    clean = gw.sanitize(MESSAGE)
+    assert set(clean) == {"type", "message"}
+    assert clean["message"]["trustLevel"] == "federated"
+    assert "secretField" not in clean["message"]
+    assert clean["message"]["content"] == "hello"
+    assert gw.sanitize({"type": "x", "message": "plain"}) == {"type": "x", "message": "plain"}
+    assert gw.sanitize({"type": "x", "message": {}})["message"] == {"trustLevel": "federated"}
+
+
+def test_token_bucket_bursts_then_limits() -> None:
+    bucket = gw.TokenBucket(60)
+    assert all(bucket.take() == 0 for _ in range(60))
+    wait_ms = bucket.take()
+    assert 0 < wait_ms <= 1000
+
+
+# --- Registry -----------------------------------------------------------------
+
+
+def test_secret_hash_is_salted_and_verifies() -> None:
+    first, second = gw.hash_secret("correct horse"), gw.hash_secret("correct horse")
+    assert first != second and "correct horse" not in first
+    assert gw.verify_secret("correct horse", first)
+    assert not gw.verify_secret("wrong horse", first)
+    legacy = "a" * 0 + __import__("hashlib").sha256(b"node secret").hexdigest()
+    assert gw.is_legacy(legacy) and gw.verify_secret("node secret", legacy)
+    assert not gw.verify_secret("other", legacy)
+    assert not gw.verify_secret("x", "garbage$$")
+
+
+async def test_file_registry_compare_and_set(tmp_path: Path) -> None:
+    registry = gw.FileRegistry(str(tmp_path / "r.json"))
+    mesh = gw.Mesh("a", "A", gw.hash_secret("secret-a"), 1.0)
+    assert await registry.put(mesh, expect=None)
+    assert not await registry.put(gw.Mesh("a", "Thief", "x", 2.0), expect=None)
+    renamed = gw.Mesh("a", "A2", mesh.secret_hash, 1.0)
+    assert await registry.put(renamed, expect=mesh)
+    assert not await registry.delete(mesh)
+    reloaded = gw.FileRegistry(str(tmp_path / "r.json"))
+    assert await reloaded.get("a") == renamed
+    assert await reloaded.delete(renamed)
+    assert await gw.FileRegistry(str(tmp_path / "r.json")).get("a") is None
+
+
+async def test_file_registry_groups_concurrent_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    writes: list[int] = []
+    real = gw.write_atomically
+
+    def counting(path: str, data: bytes) -> None:
+        writes.append(len(data))
+        real(path, data)
+
+    monkeypatch.setattr(gw, "write_atomically", counting)
+    registry = gw.FileRegistry(str(tmp_path / "r.json"))
+    meshes = [gw.Mesh(f"m{i}", "M", "h", 1.0) for i in range(200)]
+    assert all(await asyncio.gather(*(registry.put(m, expect=None) for m in meshes)))
+    assert len(writes) < 20  # one rewrite per group, not per registration
+    assert len(gw.load_registry_file(str(tmp_path / "r.json"))) == 200
+
+
+def test_registry_loads_node_gateway_formats(tmp_path: Path) -> None:
+    digest = __import__("hashlib").sha256(b"node-secret").hexdigest()
+    listed = tmp_path / "list.json"
+    listed.write_text(json.dumps([{"meshId": "a", "secretHash": digest, "name": "A"}]))
+    keyed = tmp_path / "keyed.json"
+    keyed.write_text(json.dumps({"a": {"secretHash": digest, "name": "A"}}))
+    for path in (listed, keyed):
+        assert gw.load_registry_file(str(path)) == {"a": gw.Mesh("a", "A", digest)}
+
+
+# --- Dispatcher (in-memory hub, no network) --------------------------------------
+
+
+class FakeSocket:
+    """Collects what a Peer's writer sends."""
+
+    def __init__(self) -> None:
+        self.sent: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await self.sent.put(json.loads(message["text"]))
+
+    async def close(self, code: int, reason: str = "") -> None:
+        await self.sent.put({"closed": code, "reason": reason})
+
+    async def next(self) -> dict[str, Any]:
+        async with asyncio.timeout(TIMEOUT):
+            return await self.sent.get()
+
+
+async def make_peer(hub: gw.Hub, mesh_id: str, participants: list[gw.Participant] | None = None) -> tuple[gw.Peer, FakeSocket]:
+    sock = FakeSocket()
+    peer = gw.Peer(sock, hub.settings)  # type: ignore[arg-type]
+    peer.mesh_id, peer.name, peer.participants = mesh_id, mesh_id.upper(), participants or []
+    await hub.attach(peer)
+    return peer, sock
+
+
+async def test_dispatch_relay_ack_and_offline() -> None:
+    hub = gw.Hub(Settings())
+    a, sock_a = await make_peer(hub, "a")
+    b, sock_b = await make_peer(hub, "b")
+    await gw.dispatch(a, gw.Relay(target_mesh_id="b", payload=MESSAGE, id="1"), hub)
+    incoming = await sock_b.next()
+    assert incoming["type"] == "gateway_incoming" and incoming["fromMeshName"] == "A"
+    assert incoming["payload"]["message"]["trustLevel"] == "federated"
+    assert await sock_a.next() == {"type": "gateway_ack", "id": "1", "delivered": 1}
+    await gw.dispatch(a, gw.Relay(target_mesh_id="zz", payload={}, id="2"), hub)
+    offline = await sock_a.next()
+    assert (offline["code"], offline["id"], offline["targetMeshId"]) == ("target_offline", "2", "zz")
+
+
+async def test_dispatch_broadcast_encodes_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    hub = gw.Hub(Settings())
+    sender, sock = await make_peer(hub, "s")
+    receivers = [await make_peer(hub, f"r{i}") for i in range(5)]
+    encodes = 0
+    real = gw.text_frame
+
+    def counting(frame: gw.Frame) -> tuple[str, int]:
+        nonlocal encodes
+        encodes += 1
+        return real(frame)
+
+    monkeypatch.setattr(gw, "text_frame", counting)
+    await gw.dispatch(sender, gw.Broadcast(payload=MESSAGE, id="b1"), hub)
+    assert encodes == 1
+    texts = [await s.next() for _, s in receivers]
+    assert all(t == texts[0] for t in texts)
+    assert await sock.next() == {"type": "gateway_ack", "id": "b1", "delivered": 5}
+
+
+async def test_dispatch_rate_limit_relays_nothing() -> None:
+    hub = gw.Hub(Settings(rate_limit_per_min=2))
+    a, sock_a = await make_peer(hub, "a")
+    b, sock_b = await make_peer(hub, "b")
+    for i in range(3):
+        await gw.dispatch(a, gw.Relay(target_mesh_id="b", payload={"n": i}, id=str(i)), hub)
+    assert [(await sock_a.next())["type"] for _ in range(3)] == ["gateway_ack", "gateway_ack", "error"]
+    assert b.queued == 0 and sock_b.sent.qsize() == 2
+
+
+async def test_dispatch_participants_and_ghosts() -> None:
+    hub = gw.Hub(Settings())
+    a, sock_a = await make_peer(hub, "a")
+    alice = gw.Participant("1", "alice", "user")
+    b, sock_b = await make_peer(hub, "b", [alice])
+    assert (await sock_a.next())["remoteParticipants"][0]["participants"] == [{"id": "1", "name": "alice", "type": "user"}]
+    await gw.dispatch(a, gw.UpdateParticipants([gw.Participant("2", "bob", "agent")]), hub)
+    assert (await sock_b.next())["remoteParticipants"][0]["meshId"] == "a"
+    await hub.detach(b)
+    assert (await sock_a.next())["remoteParticipants"] == [{"meshId": "b", "meshName": "B", "participants": []}]
+
+
+async def test_slow_peer_is_cut_off_at_its_buffer() -> None:
+    hub = gw.Hub(Settings(send_buffer_bytes=200 * 1024))
+    blocked = asyncio.Event()
+
+    class Stalled(FakeSocket):
+        async def send(self, message: dict[str, Any]) -> None:
+            await blocked.wait()  # never set: the peer never reads
+
+    sender, _ = await make_peer(hub, "s")
+    stalled = gw.Peer(Stalled(), hub.settings)  # type: ignore[arg-type]
+    stalled.mesh_id = "slow"
+    await hub.attach(stalled)
+    fast, fast_sock = await make_peer(hub, "fast")
+    for i in range(200):
+        await hub.broadcast(sender, {"type": "x", "message": str(i) * 1000})
+        assert stalled.queued <= stalled.limit
+        await asyncio.sleep(0)  # let the writers run, as the event loop would between frames
+    assert stalled.closing and "slow" not in hub.peers
+    assert stalled.queued == 0  # its queue was dropped, not kept
+    for i in range(200):  # the fast peer got every frame, in order
+        assert (await fast_sock.next())["payload"]["message"] == str(i) * 1000
+
+
+# --- Real server helpers --------------------------------------------------------
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    return Settings(registry_path=str(tmp_path / "registry.json"), **overrides)
+
+
+@contextlib.asynccontextmanager
+async def serve(app: Any, settings: Settings) -> AsyncIterator[str]:
+    """Run `app` on a real uvicorn server on an ephemeral loopback port; yield host:port."""
+    options = gw.uvicorn_options(settings) | {"host": "127.0.0.1", "port": 0, "log_level": "warning", "loop": "none"}
+    server = uvicorn.Server(uvicorn.Config(app, **options))
+    task = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            while not server.started:
+                if task.done():
+                    task.result()
+                    raise RuntimeError("server exited before starting")
+                await asyncio.sleep(0.005)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        async with asyncio.timeout(TIMEOUT * 2):
+            await task
+
+
+class Node:
+    """A test mesh node: one WebSocket client with frame helpers."""
+
+    def __init__(self, ws: ClientConnection, mesh_id: str = "") -> None:
+        self.ws = ws
+        self.mesh_id = mesh_id
+
+    async def send(self, **frame: Any) -> None:
+        await self.ws.send(json.dumps(frame))
+
+    async def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        async with asyncio.timeout(timeout):
+            return json.loads(await self.ws.recv())
+
+    async def expect(self, type_: str, **fields: Any) -> dict[str, Any]:
+        frame = await self.recv()
+        assert frame["type"] == type_, frame
+        for key, value in fields.items():
+            assert frame.get(key) == value, frame
+        return frame
+
+    async def error(self, code: str, **fields: Any) -> dict[str, Any]:
+        return await self.expect("error", code=code, **fields)
+
+    async def quiet(self) -> None:
+        """Prove nothing else is queued for this node: a discover answer comes next."""
+        await self.send(type="gateway_discover")
+        await self.expect("gateway_discover_result")
+
+    async def closed(self) -> websockets.frames.Close:
+        async with asyncio.timeout(TIMEOUT):
+            with contextlib.suppress(websockets.ConnectionClosed):
+                while True:
+                    await self.ws.recv()
+        assert self.ws.close_code is not None
+        return websockets.frames.Close(self.ws.close_code, self.ws.close_reason or "")
+
+
+class Gw:
+    """A running gateway under test: HTTP client, node factory."""
+
+    def __init__(self, addr: str, http: httpx.AsyncClient, prefix: str = "") -> None:
+        self.addr = addr
+        self.http = http
+        self.prefix = prefix
+        self.stack = contextlib.AsyncExitStack()
+
+    async def register(self, mesh_id: str, secret: str | None = None, name: str | None = None, **extra: Any) -> httpx.Response:
+        body = {"meshId": mesh_id, "secret": secret or f"secret-{mesh_id}", "name": name or f"Mesh {mesh_id}"} | extra
+        return await self.http.post(f"{self.prefix}/register", json=body)
+
+    async def connect(self, *, rcvbuf: int | None = None) -> Node:
+        sock = None
+        if rcvbuf is not None:  # a small receive buffer: the kernel cannot hide a stalled reader
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            host, port = self.addr.split(":")
+            sock.connect((host, int(port)))
+        url = f"ws://{self.addr}{self.prefix}/gateway"
+        ws = await self.stack.enter_async_context(connect(url, open_timeout=TIMEOUT, sock=sock))
+        return Node(ws)
+
+    async def node(
+        self, mesh_id: str, participants: list[dict[str, str]] | None = None, *, rcvbuf: int | None = None, **auth: Any
+    ) -> Node:
+        """Register (if new), connect and authenticate a mesh."""
+        response = await self.register(mesh_id)
+        assert response.status_code == 200, response.text
+        node = await self.connect(rcvbuf=rcvbuf)
+        node.mesh_id = mesh_id
+        frame: dict[str, Any] = {"meshId": mesh_id, "secret": f"secret-{mesh_id}"} | auth
+        if participants is not None:
+            frame["participants"] = participants
+        await node.send(type="gateway_auth", **frame)
+        await node.expect("gateway_auth_ok", meshId=mesh_id, name=f"Mesh {mesh_id}")
+        return node
+
+    async def health(self) -> dict[str, Any]:
+        response = await self.http.get(f"{self.prefix}/health")
+        assert response.status_code == 200
+        return response.json()
+
+    async def wait_connected(self, count: int) -> None:
+        async with asyncio.timeout(TIMEOUT):
+            while (await self.health())["connected"] != count:
+                await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings, app: Any = None, prefix: str = "") -> AsyncIterator[Gw]:
+    app = app or gw.create_app(settings)
+    async with serve(app, settings) as addr:
+        async with httpx.AsyncClient(base_url=f"http://{addr}", timeout=TIMEOUT) as http:
+            g = Gw(addr, http, prefix)
+            async with g.stack:
+                yield g
+
+
+@pytest.fixture
+async def g(tmp_path: Path) -> AsyncIterator[Gw]:
+    async with running(make_settings(tmp_path)) as g:
+        yield g
+
+
+# --- HTTP: /register and /health --------------------------------------------------
+
+
+async def test_register_then_harmless_repeat(g: Gw) -> None:
+    first = await g.register("mesh-1")
+    assert (first.status_code, first.json()) == (200, {"ok": True, "created": True})
+    again = await g.register("mesh-1")
+    assert (again.status_code, again.json()) == (200, {"ok": True, "created": False})
+
+
+async def test_register_takeover_is_refused(g: Gw) -> None:
+    assert (await g.register("victim", secret="the-real-secret")).status_code == 200
+    hijack = await g.register("victim", secret="attacker-secret", name="Evil")
+    assert (hijack.status_code, hijack.json()) == (409, {"error": "meshId already registered"})
+    node = await g.connect()
+    await node.send(type="gateway_auth", meshId="victim", secret="attacker-secret")
+    await node.expect("gateway_auth_error", message="Invalid credentials")
+    assert (await node.closed()).code == 1008
+
+
+async def test_register_rename_and_rotate(g: Gw) -> None:
+    await g.register("m", secret="old-secret-1")
+    renamed = await g.register("m", secret="old-secret-1", name="New Name", newSecret="new-secret-2")
+    assert renamed.json() == {"ok": True, "created": False}
+    old = await g.connect()
+    await old.send(type="gateway_auth", meshId="m", secret="old-secret-1")
+    await old.expect("gateway_auth_error", message="Invalid credentials")
+    new = await g.connect()
+    await new.send(type="gateway_auth", meshId="m", secret="new-secret-2")
+    await new.expect("gateway_auth_ok", meshId="m", name="New Name")
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"secret": "12345678", "name": "x"}, "meshId"),
+        ({"meshId": "bad id!", "secret": "12345678", "name": "x"}, "$.meshId"),
+        ({"meshId": "x" * 65, "secret": "12345678", "name": "x"}, "$.meshId"),
+        ({"meshId": "", "secret": "12345678", "name": "x"}, "$.meshId"),
+        ({"meshId": "ok", "secret": "short", "name": "x"}, "$.secret"),
+        ({"meshId": "ok", "secret": "s" * 513, "name": "x"}, "$.secret"),
+        ({"meshId": "ok", "secret": "12345678", "name": ""}, "$.name"),
+        ({"meshId": "ok", "secret": "12345678", "name": "n" * 101}, "$.name"),
+        ({"meshId": "ok", "secret": "12345678", "name": "bad\nname"}, "$.name"),
+        ({"meshId": "ok", "secret": 12345678, "name": "x"}, "$.secret"),
+        ({"meshId": "ok", "secret": "12345678", "name": "x", "newSecret": "short"}, "$.newSecret"),
+        ([1, 2], "object"),
+    ],
+)
+async def test_register_rejects_bad_bodies(g: Gw, body: Any, needle: str) -> None:
+    response = await g.http.post("/register", json=body)
+    assert response.status_code == 400
+    assert needle in response.json()["error"]
+    assert (await g.register("ok")).json()["created"] is True  # nothing was stored
+
+
+async def test_register_rejects_bad_json_and_big_bodies(g: Gw) -> None:
+    bad = await g.http.post("/register", content=b"{nope", headers={"content-type": "application/json"})
+    assert bad.status_code == 400 and "invalid JSON" in bad.json()["error"]
+    big = b'{"meshId":"a","secret":"12345678","name":"' + b"x" * 17000 + b'"}'
+    assert (await g.http.post("/register", content=big)).status_code == 413
+
+    async def chunks() -> AsyncIterator[bytes]:  # streamed: no Content-Length
+        for _ in range(20):
+            yield b" " * 1024
+
+    assert (await g.http.post("/register", content=chunks())).status_code == 413
+    assert (await g.http.request("DELETE", "/register", content=big)).status_code == 413
+
+
+async def test_unregister(g: Gw) -> None:
+    node = await g.node("gone")
+    assert (await g.http.request("DELETE", "/register", json={"meshId": "gone", "secret": "wrong-secret"})).status_code == 403
+    assert (await g.http.request("DELETE", "/register", json={"meshId": "nobody", "secret": "whatever1"})).status_code == 404
+    assert (await g.http.request("DELETE", "/register", json={"meshId": "gone"})).status_code == 400
+    assert (await g.http.request("DELETE", "/register", content=b"[]")).status_code == 400
+    ok = await g.http.request("DELETE", "/register", json={"meshId": "gone", "secret": "secret-gone"})
+    assert (ok.status_code, ok.json()) == (200, {"ok": True})
+    close = await node.closed()
+    assert (close.code, close.reason) == (4001, "unregistered")
+    again = await g.connect()
+    await again.send(type="gateway_auth", meshId="gone", secret="secret-gone")
+    await again.expect("gateway_auth_error", message="Invalid credentials")
+    assert (await g.register("gone", secret="someone-else")).json()["created"] is True
+
+
+async def test_closed_registration_with_admin_token(tmp_path: Path) -> None:
+    async with running(make_settings(tmp_path, gateway_admin_token="t0ken")) as g:
+        assert (await g.register("a")).status_code == 401
+        bad = {"authorization": "Bearer wrong"}
+        assert (await g.http.post("/register", json={"meshId": "a", "secret": "12345678", "name": "A"}, headers=bad)).status_code == 401
+        admin = {"authorization": "Bearer t0ken"}
+        body = {"meshId": "a", "secret": "first-secret", "name": "A"}
+        assert (await g.http.post("/register", json=body, headers=admin)).json() == {"ok": True, "created": True}
+        body = {"meshId": "a", "secret": "second-secret", "name": "A2"}
+        assert (await g.http.post("/register", json=body, headers=admin)).json() == {"ok": True, "created": False}
+        node = await g.connect()
+        await node.send(type="gateway_auth", meshId="a", secret="second-secret")
+        await node.expect("gateway_auth_ok", name="A2")
+        # a mesh may always delete itself; the admin may delete any mesh without its secret
+        assert (await g.http.request("DELETE", "/register", json={"meshId": "a", "secret": "second-secret"})).status_code == 200
+        await g.http.post("/register", json={"meshId": "b", "secret": "b-secret-1", "name": "B"}, headers=admin)
+        assert (await g.http.request("DELETE", "/register", json={"meshId": "b"}, headers=admin)).status_code == 200
+
+
+async def test_health(g: Gw) -> None:
+    assert await g.health() == {"ok": True, "connected": 0}
+    await g.node("h1")
+    await g.node("h2")
+    assert await g.health() == {"ok": True, "connected": 2}
+
+
+async def test_secrets_never_stored_or_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG")
+    secret = "very-secret-value-" + uuid.uuid4().hex
+    async with running(make_settings(tmp_path)) as g:
+        await g.register("s", secret=secret)
+        node = await g.connect()
+        await node.send(type="gateway_auth", meshId="s", secret=secret)
+        await node.expect("gateway_auth_ok")
+        bad = await g.connect()
+        await bad.send(type="gateway_auth", meshId="s", secret=secret + "x")
+        await bad.expect("gateway_auth_error")
+    assert secret not in (tmp_path / "registry.json").read_text()
+    assert all(secret not in record.getMessage() for record in caplog.records)
+
+
+# --- WebSocket: auth ---------------------------------------------------------------
+
+
+async def test_auth_errors(g: Gw) -> None:
+    await g.register("a")
+    unknown = await g.connect()
+    await unknown.send(type="gateway_auth", meshId="nobody", secret="whatever")
+    await unknown.expect("gateway_auth_error", message="Invalid credentials")
+    assert (await unknown.closed()).code == 1008
+    early = await g.connect()
+    await early.send(type="gateway_discover")
+    await early.expect("gateway_auth_error", message="Not authenticated")
+    await early.send(type="gateway_relay", targetMeshId="a", payload={})
+    await early.expect("gateway_auth_error", message="Not authenticated")
+    await early.ws.send("{bad")
+    await early.error("invalid_json")
+    await early.send(type="gateway_auth", meshId="a", secret=5)
+    await early.error("invalid_frame")
+    await early.send(type="gateway_auth", meshId="a", secret="secret-a")
+    await early.expect("gateway_auth_ok", meshId="a")
+
+
+async def test_auth_timeout(tmp_path: Path) -> None:
+    async with running(make_settings(tmp_path, auth_timeout_s=0.3)) as g:
+        node = await g.connect()
+        await node.send(type="gateway_discover")
+        await node.expect("gateway_auth_error", message="Not authenticated")
+        await node.expect("gateway_auth_error", message="Auth timeout")
+        assert (await node.closed()).code == 1008
+
+
+async def test_second_auth_keeps_the_mesh(g: Gw) -> None:
+    a = await g.node("a")
+    await g.register("b")
+    await a.send(type="gateway_auth", meshId="b", secret="secret-b")
+    await a.error("already_authenticated")
+    await a.send(type="gateway_auth", meshId=7)
+    await a.error("invalid_frame")
+    await a.send(type="gateway_discover")
+    result = await a.expect("gateway_discover_result")
+    assert [i["meshId"] for i in result["instances"]] == ["a"]
+
+
+async def test_replacement_keeps_the_newer_socket(g: Gw) -> None:
+    b = await g.node("b")
+    alice = [{"id": "1", "name": "alice", "type": "user"}]
+    old = await g.node("a", participants=alice)
+    assert (await b.expect("gateway_participants"))["remoteParticipants"][0]["meshId"] == "a"
+    new = await g.node("a", participants=alice)
+    close = await old.closed()
+    assert (close.code, close.reason) == (4000, "replaced")
+    assert (await b.expect("gateway_participants"))["remoteParticipants"][0]["participants"] == alice
+    await b.send(type="gateway_relay", targetMeshId="a", payload=MESSAGE, id="r1")
+    await new.expect("gateway_incoming", fromMeshId="b")
+    await b.expect("gateway_ack", id="r1", delivered=1)
+    assert (await g.health())["connected"] == 2
+    await b.quiet()  # no empty group for "a": the old socket's teardown changed nothing
+
+
+# --- WebSocket: the real node session ---------------------------------------------
+
+
+def normalize(frame: Any, names: dict[str, str]) -> Any:
+    text = json.dumps(frame, sort_keys=True)
+    for old, new in names.items():
+        text = text.replace(old, new)
+    return json.loads(text)
+
+
+async def test_replays_real_node_session(g: Gw) -> None:
+    """Replay node-session.jsonl: every gw->node frame must come back the same."""
+    lines = [json.loads(line) for line in FIXTURE.read_text().splitlines() if line.strip()]
+    auths = {l["conn"]: l["frame"] for l in lines if l["dir"] == "node->gw" and l["frame"]["type"] == "gateway_auth"}
+    names: dict[str, str] = {}
+    oks = [l["frame"] for l in lines if l["dir"] == "gw->node" and l["frame"]["type"] == "gateway_auth_ok"]
+    for conn, ok in zip((1, 2), oks):
+        names[ok["meshId"]] = f"mesh-{conn}"
+        names[ok["name"]] = f"Mesh mesh-{conn}"
+        assert (await g.register(f"mesh-{conn}", secret=auths[conn]["secret"], name=f"Mesh mesh-{conn}")).status_code == 200
+    nodes: dict[int, Node] = {}
+    for line in lines:
+        conn = line["conn"]
+        if line["dir"] == "open":
+            nodes[conn] = await g.connect()
+        elif line["dir"] == "node->gw":
+            await nodes[conn].send(**normalize(line["frame"], names))
+        elif line["dir"] == "gw->node":
+            expected = normalize(line["frame"], names)
+            assert await nodes[conn].recv() == expected
+        elif line["dir"] == "close" and line.get("up_code") is None and line.get("down_code") is None:
+            pass
+        elif line["dir"] == "close" and conn == 3:
+            assert (await nodes[conn].closed()).code == 1008
+    assert len(nodes) == 3
+
+
+# --- WebSocket: relay, broadcast, discovery, participants -------------------------
+
+
+async def test_relay_delivers_sanitized_with_registered_name(g: Gw) -> None:
+    a, b = await g.node("a"), await g.node("b")
+    await a.send(type="gateway_relay", targetMeshId="b", payload=MESSAGE)
+    incoming = await b.expect("gateway_incoming", fromMeshId="a", fromMeshName="Mesh a")
+    assert incoming["payload"] == gw.sanitize(MESSAGE)
+    await a.send(type="gateway_relay", targetMeshId="b", payload=MESSAGE, id="x")
+    await b.expect("gateway_incoming")
+    await a.expect("gateway_ack", id="x", delivered=1)
+    await a.send(type="gateway_relay", targetMeshId="nobody", payload=MESSAGE, id="y")
+    await a.error("target_offline", id="y", targetMeshId="nobody")
+    await a.send(type="gateway_relay", targetMeshId="nobody", payload=MESSAGE)
+    assert "id" not in await a.error("target_offline")
+    await b.quiet()
+
+
+async def test_binary_frames_are_accepted(g: Gw) -> None:
+    a, b = await g.node("a"), await g.node("b")
+    await a.ws.send(json.dumps({"type": "gateway_relay", "targetMeshId": "b", "payload": MESSAGE}).encode())
+    await b.expect("gateway_incoming", fromMeshId="a")
+
+
+async def test_passthrough_policy(tmp_path: Path) -> None:
+    async with running(make_settings(tmp_path, payload_policy="passthrough")) as g:
+        a, b = await g.node("a"), await g.node("b")
+        await a.send(type="gateway_broadcast", payload=MESSAGE)
+        assert (await b.expect("gateway_incoming"))["payload"] == MESSAGE
+
+
+async def test_broadcast_reaches_every_other_mesh(g: Gw) -> None:
+    nodes = [await g.node(f"n{i}") for i in range(4)]
+    await nodes[0].send(type="gateway_broadcast", payload=MESSAGE, id="b")
+    for node in nodes[1:]:
+        await node.expect("gateway_incoming", fromMeshId="n0")
+    await nodes[0].expect("gateway_ack", id="b", delivered=3)
+    await nodes[0].quiet()
+
+
+async def test_discovery_and_rooms(g: Gw) -> None:
+    a = await g.node("a", publicRooms=["lobby"])
+    b = await g.node("b")
+    await b.send(type="gateway_update_rooms", publicRooms=["x", "y"])
+    await a.send(type="gateway_discover")
+    result = await a.expect("gateway_discover_result")
+    assert result["instances"] == [
+        {"meshId": "a", "name": "Mesh a", "publicRooms": ["lobby"]},
+        {"meshId": "b", "name": "Mesh b", "publicRooms": ["x", "y"]},
+    ]
+
+
+async def test_participants_lifecycle(g: Gw) -> None:
+    a = await g.node("a")
+    b = await g.node("b")  # neither brought participants: nobody gets a participants frame
+    await a.quiet()
+    bob = [{"id": "2", "name": "bob", "type": "user"}]
+    carol = await g.node("c", participants=bob)
+    group = {"meshId": "c", "meshName": "Mesh c", "participants": bob}
+    assert (await a.expect("gateway_participants"))["remoteParticipants"] == [group]
+    assert (await b.expect("gateway_participants"))["remoteParticipants"] == [group]
+    d = await g.node("d")
+    assert (await d.expect("gateway_participants"))["remoteParticipants"] == [group]
+    alice = [{"id": "1", "name": "alice", "type": "agent"}]
+    await a.send(type="gateway_update_participants", participants=alice)
+    for node in (b, carol, d):
+        assert (await node.expect("gateway_participants"))["remoteParticipants"][0]["participants"] == alice
+    await carol.ws.close()
+    for node in (a, b, d):
+        assert (await node.expect("gateway_participants"))["remoteParticipants"] == [group | {"participants": []}]
+
+
+# --- WebSocket: bad input, floods, size, liveness ----------------------------------
+
+
+WS_BAD_FRAMES = [(data, code) for data, code, _ in BAD_FRAMES]
+
+
+async def test_bad_frames_get_one_error_and_nothing_else(g: Gw) -> None:
+    a, b = await g.node("a"), await g.node("b")
+    for data, code in WS_BAD_FRAMES:
+        await a.ws.send(data)
+        error = await a.error(code)
+        assert error["message"]
+    await a.ws.send('{"type":"gateway_relay","targetMeshId":"b","payload":null,"id":"i1"}')
+    await a.error("invalid_frame", id="i1")
+    await a.send(type="gateway_relay", targetMeshId="b", payload={"type": "after"}, id="ok")
+    assert (await b.expect("gateway_incoming"))["payload"] == {"type": "after"}  # nothing relayed before it
+    await a.expect("gateway_ack", id="ok", delivered=1)
+
+
+async def test_bad_frames_before_auth_get_the_same_errors(g: Gw) -> None:
+    node = await g.connect()
+    for data, code in WS_BAD_FRAMES:
+        await node.ws.send(data)
+        await node.error(code)
+    await node.send(type="gateway_discover")
+    await node.expect("gateway_auth_error", message="Not authenticated")
+
+
+async def test_invalid_utf8_text_frame_closes_1007(g: Gw) -> None:
+    a = await g.node("a")
+    await a.ws.send(b'{"type":"gateway_discover","x":"\xff"}', text=True)
+    assert (await a.closed()).code == 1007
+    b = await g.node("b")
+    await b.quiet()
+
+
+async def test_frame_too_large(tmp_path: Path) -> None:
+    async with running(make_settings(tmp_path, max_frame_bytes=1000, ws_max_bytes=64 * 1024)) as g:
+        early = await g.connect()
+        big = json.dumps({"type": "gateway_broadcast", "payload": {"content": "x" * 2000}, "id": "big"})
+        await early.ws.send(big)
+        await early.error("frame_too_large", id="big")
+        a, b = await g.node("a"), await g.node("b")
+        await a.ws.send(big)
+        await a.error("frame_too_large", id="big")
+        await a.ws.send("é" * 600)  # 600 characters, 1200 bytes
+        await a.error("frame_too_large")
+        await a.quiet()
+        await b.quiet()
+        await a.ws.send("x" * (65 * 1024))
+        assert (await a.closed()).code == 1009
+        await b.quiet()
+
+
+async def test_rate_limit_flood(tmp_path: Path) -> None:
+    async with running(make_settings(tmp_path, rate_limit_per_min=5)) as g:
+        a, b = await g.node("a"), await g.node("b")
+        for i in range(5):
+            await a.send(type="gateway_relay", targetMeshId="b", payload={"type": f"n{i}"})
+        for i in range(5):
+            assert (await b.expect("gateway_incoming"))["payload"] == {"type": f"n{i}"}
+        await a.send(type="gateway_broadcast", payload={"n": 99}, id="over")
+        error = await a.error("rate_limited", id="over")
+        assert 0 < error["retryAfterMs"] <= 12000
+        await b.quiet()  # the over-limit broadcast was not relayed
+
+
+async def test_unanswered_pings_close_1011(tmp_path: Path) -> None:
+    async with running(make_settings(tmp_path, ping_interval_s=0.2, ping_timeout_s=0.2)) as g:
+        a = await g.node("a")
+        a.ws.transport.pause_reading()  # the node stops answering pings
+        await g.wait_connected(0)
+        a.ws.transport.resume_reading()
+        assert (await a.closed()).code == 1011
+
+
+async def test_slow_receiver_is_cut_off_without_slowing_others(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, send_buffer_bytes=256 * 1024, rate_limit_per_min=100_000, max_frame_bytes=60_000)
+    app = gw.create_app(settings)
+    async with running(settings, app) as g:
+        sender, fast = await g.node("sender"), await g.node("fast")
+        slow = await g.node("slow", rcvbuf=16 * 1024)
+        slow.ws.transport.pause_reading()
+        payload = {"type": "bulk", "message": "x" * 50_000}
+        for i in range(200):  # 10 MB: past the slow node's 256 KiB and the kernel's socket buffers
+            await sender.send(type="gateway_broadcast", payload=payload | {"type": f"bulk-{i}"})
+            assert (await fast.expect("gateway_incoming"))["payload"]["type"] == f"bulk-{i}"
+        await g.wait_connected(2)
+        slow.ws.transport.resume_reading()
+        assert (await slow.closed()).code == 1013
+        await sender.send(type="gateway_relay", targetMeshId="slow", payload={}, id="gone")
+        await sender.error("target_offline", id="gone")
+
+
+# --- Hypothesis: random and mutated frames never hurt anyone else ------------------
+
+VALID_FRAMES = [
+    {"type": "gateway_discover"},
+    {"type": "gateway_relay", "targetMeshId": "peer", "payload": MESSAGE, "id": "1"},
+    {"type": "gateway_broadcast", "payload": MESSAGE},
+    {"type": "gateway_update_participants", "participants": [{"id": "1", "name": "a", "type": "user"}]},
+    {"type": "gateway_update_rooms", "publicRooms": ["a"]},
+    {"type": "gateway_auth", "meshId": "fuzz", "secret": "secret-fuzz"},
+]
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=10,
+)
+
+
+@st.composite
+def fuzz_frames(draw: st.DrawFn) -> str | bytes:
+    kind = draw(st.integers(0, 3))
+    if kind == 0:
+        return draw(st.binary(max_size=200))
+    if kind == 1:
+        return json.dumps(draw(json_values))
+    frame = dict(draw(st.sampled_from(VALID_FRAMES)))
+    key = draw(st.sampled_from(sorted(frame) + ["payload", "id", "targetMeshId", "participants"]))
+    frame[key] = draw(json_values)
+    text = json.dumps(frame)
+    if kind == 3:  # byte-level mutation of a valid frame
+        cut = draw(st.integers(0, len(text)))
+        text = text[:cut] + draw(st.text(max_size=3)) + text[cut + 1 :]
+    return text
+
+
+async def test_fuzzed_frames_never_hurt_other_meshes(tmp_path: Path) -> None:
+    frames: list[str | bytes] = []
+
+    @hyp_settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(st.lists(fuzz_frames(), min_size=5, max_size=10))
+    def collect(batch: list[str | bytes]) -> None:
+        frames.extend(batch)
+
+    collect()
+    async with running(make_settings(tmp_path, rate_limit_per_min=1_000_000)) as g:
+        fuzz, peer, watcher = await g.node("fuzz"), await g.node("peer"), await g.node("watcher")
+
+        async def drain(node: Node) -> None:
+            with contextlib.suppress(websockets.ConnectionClosed):
+                async for _ in node.ws:
+                    pass
+
+        drains = [asyncio.create_task(drain(n)) for n in (peer, watcher)]
+        decode_errors = {gw.INVALID_JSON, gw.INVALID_FRAME, gw.UNKNOWN_TYPE}
+        predicted = [f for f in frames if isinstance(gw.decode_frame(f), gw.Error)]
+        for frame in frames:
+            await fuzz.ws.send(frame)
+        await fuzz.send(type="gateway_relay", targetMeshId="fuzz", payload={}, id="the-end")
+        answered = 0
+        async with asyncio.timeout(60):
+            while (frame := await fuzz.recv()).get("id") != "the-end" or frame["type"] != "gateway_ack":
+                answered += frame["type"] == "error" and frame["code"] in decode_errors
+        assert len(frames) >= 2000
+        assert answered == len(predicted) > len(frames) // 3  # every bad frame got its one error
+        for task in drains:
+            task.cancel()
+        # the fuzzing socket is still open, and everyone still relays
+        other = await g.node("other")
+        await other.send(type="gateway_relay", targetMeshId="fuzz", payload={"type": "alive"}, id="z")
+        while (frame := await other.recv())["type"] == "gateway_participants":
+            pass
+        assert frame == {"type": "gateway_ack", "id": "z", "delivered": 1}
+        assert (await g.health())["connected"] == 4
+
+
+# --- Embedding -----------------------------------------------------------------------
+
+
+async def test_mounted_gateway_relays_end_to_end(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    gateway = gw.Gateway(settings)
+
+    @contextlib.asynccontextmanager
+    async def host_lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with gateway.lifespan(app):
+            yield
+
+    host = Starlette(routes=[Mount("/mesh", routes=gateway.routes)], lifespan=host_lifespan)
+    async with running(settings, host, prefix="/mesh") as g:
+        a, b = await g.node("a"), await g.node("b")
+        await a.send(type="gateway_relay", targetMeshId="b", payload=MESSAGE, id="m")
+        await b.expect("gateway_incoming", fromMeshId="a")
+        await a.expect("gateway_ack", id="m", delivered=1)
+        assert (await g.health())["connected"] == 2
+
+
+# --- Whole processes -------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.asynccontextmanager
+async def process(tmp_path: Path, **env: str) -> AsyncIterator[tuple[subprocess.Popen[bytes], str]]:
+    """`python gateway.py` as users run it; yields the process and host:port once /health answers."""
+    port = free_port()
+    full_env = os.environ | {"PORT": str(port), "HOST": "127.0.0.1", "REGISTRY_PATH": str(tmp_path / "registry.json")} | env
+    log_file = open(tmp_path / f"gateway-{port}.log", "wb")
+    proc = subprocess.Popen([sys.executable, str(HERE / "gateway.py")], env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        async with httpx.AsyncClient(timeout=1) as http, asyncio.timeout(15):
+            while True:
+                assert proc.poll() is None, (tmp_path / f"gateway-{port}.log").read_text()
+                with contextlib.suppress(httpx.TransportError):
+                    if (await http.get(f"http://127.0.0.1:{port}/health")).status_code == 200:
+                        break
+                await asyncio.sleep(0.05)
+        yield proc, f"127.0.0.1:{port}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        log_file.close()
+
+
+async def test_sigterm_closes_1012_and_exits(tmp_path: Path) -> None:
+    async with process(tmp_path) as (proc, addr):
+        async with httpx.AsyncClient(base_url=f"http://{addr}") as http:
+            g = Gw(addr, http)
+            async with g.stack:
+                a = await g.node("a")
+                proc.send_signal(signal.SIGTERM)
+                assert (await a.closed()).code == 1012
+                async with asyncio.timeout(10):
+                    while proc.poll() is None:
+                        await asyncio.sleep(0.05)
+        assert proc.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it caught
+        assert "a" in gw.load_registry_file(str(tmp_path / "registry.json"))
+
+
+def test_bad_setting_stops_startup_with_one_line(tmp_path: Path) -> None:
+    env = os.environ | {"RATE_LIMIT_PER_MIN": "lots", "REGISTRY_PATH": str(tmp_path / "r.json")}
+    result = subprocess.run([sys.executable, str(HERE / "gateway.py")], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "invalid setting RATE_LIMIT_PER_MIN='lots': Expected `int`, got `str` - at `$.RATE_LIMIT_PER_MIN`"
+    ]
+
+
+async def test_node_gateway_registry_is_upgraded_on_auth(tmp_path: Path) -> None:
+    digest = __import__("hashlib").sha256(b"node-secret-1").hexdigest()
+    path = tmp_path / "registry.json"
+    path.write_text(json.dumps([{"meshId": "old", "secretHash": digest, "name": "Old Mesh"}]))
+    async with running(make_settings(tmp_path)) as g:
+        node = await g.connect()
+        await node.send(type="gateway_auth", meshId="old", secret="node-secret-1")
+        await node.expect("gateway_auth_ok", meshId="old", name="Old Mesh")
+        stored = gw.load_registry_file(str(path))["old"]  # persisted right away
+        assert stored.secret_hash.startswith("pbkdf2_sha256$")
+        again = await g.connect()
+        await again.send(type="gateway_auth", meshId="old", secret="node-secret-1")
+        await again.expect("gateway_auth_ok")
+
+
+async def test_registry_survives_sigkill_mid_write(tmp_path: Path) -> None:
+    """Kill the gateway (SIGKILL) while registrations stream in: the file always
+    loads whole and holds every registration that was acknowledged."""
+    acknowledged: set[str] = set()
+    for round_ in range(5):
+        async with process(tmp_path) as (proc, addr):
+            async with httpx.AsyncClient(base_url=f"http://{addr}", timeout=5) as http:
+
+                async def writer(worker: int) -> None:
+                    for i in range(10_000):
+                        mesh_id = f"r{round_}-w{worker}-{i}"
+                        body = {"meshId": mesh_id, "secret": "secret-123", "name": "x" * 80}
+                        response = await http.post("/register", json=body)
+                        if response.status_code == 200:
+                            acknowledged.add(mesh_id)
+
+                tasks = [asyncio.create_task(writer(w)) for w in range(4)]
+                async with asyncio.timeout(10):
+                    while len([m for m in acknowledged if m.startswith(f"r{round_}-")]) < random.randint(20, 120):
+                        await asyncio.sleep(0.01)
+                proc.kill()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        meshes = gw.load_registry_file(str(tmp_path / "registry.json"))
+        assert acknowledged <= set(meshes)
