@@ -460,6 +460,8 @@ class Peer:
         self.websocket = websocket
         self.mesh_id: str | None = None
         self.name = ""
+        self.conn = os.urandom(8).hex()
+        self.seq = 0  # when it claimed its mesh (ns), set by the hub
         self.participants: list[Participant] = []
         self.public_rooms: list[str] = []
         self.bucket = TokenBucket(settings.rate_limit_per_min)
@@ -501,8 +503,16 @@ class Peer:
         if self.on_close is not None:
             self.on_close(self)
 
-    def group(self) -> ParticipantGroup:
-        return ParticipantGroup(mesh_id=self.mesh_id or "", mesh_name=self.name, participants=self.participants)
+    def presence(self, node: str) -> Presence:
+        return Presence(
+            mesh_id=self.mesh_id or "",
+            name=self.name,
+            node=node,
+            conn=self.conn,
+            seq=self.seq,
+            public_rooms=self.public_rooms,
+            participants=self.participants,
+        )
 
     async def _write_loop(self) -> None:
         send = self.websocket.send
@@ -523,96 +533,197 @@ class Peer:
             return  # the reader sees the disconnect and tears the peer down
 
 
-def text_frame(frame: Frame) -> tuple[str, int]:
-    data = encoder.encode(frame)
-    return data.decode(), len(data)
+class BackplaneUnavailable(Exception):
+    """Redis cannot be reached: the caller answers `backplane_unavailable` (or 503)."""
+
+
+class Presence(Struct, frozen=True, rename="camel"):
+    """A connected mesh as every process sees it."""
+
+    mesh_id: str
+    name: str
+    node: str  # the process that holds the socket
+    conn: str  # the connection; a newer one replaces it
+    seq: int  # claim time (ns): the later claim of a mesh wins
+    public_rooms: list[str] = []
+    participants: list[Participant] = []
 
 
 class Hub:
-    """The meshes connected to this process, by id (one live peer per mesh)."""
+    """Every connected mesh: `peers` are the sockets on this process, `meshes` the
+    whole cluster's view (this process's included). The backplane moves what
+    crosses processes; with MemoryBackplane there is only this process."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, backplane: Backplane) -> None:
         self.settings = settings
+        self.backplane = backplane
+        self.node = backplane.node
         self.peers: dict[str, Peer] = {}
+        self.meshes: dict[str, Presence] = {}
         self.sanitize = sanitize if settings.payload_policy == "mesh" else None
-        self.healthy = True
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def healthy(self) -> bool:
+        return self.backplane.healthy
+
+    # --- this process's peers ---
 
     async def attach(self, peer: Peer) -> None:
-        """Make `peer` the mesh's live connection and exchange participant lists."""
-        assert peer.mesh_id is not None
-        old = self.peers.get(peer.mesh_id)
-        self.peers[peer.mesh_id] = peer
+        """Make `peer` the mesh's one live connection and exchange participant lists."""
+        mesh_id = peer.mesh_id
+        assert mesh_id is not None
+        old = self.peers.get(mesh_id)
+        before = self.meshes.get(mesh_id)
+        peer.seq = time.time_ns()
         peer.on_close = self.forget
-        had_participants = False
-        if old is not None and old is not peer:
-            had_participants = bool(old.participants)
-            old.close(CLOSE_REPLACED, "replaced")
-        groups = [other.group() for other in self.peers.values() if other is not peer and other.participants]
+        self.peers[mesh_id] = peer
+        presence = self.meshes[mesh_id] = peer.presence(self.node)
+        if old is not None:
+            old.close(CLOSE_REPLACED, "replaced")  # its teardown no longer matches: it changes nothing
+        groups = [group(p) for p in self.meshes.values() if p.mesh_id != mesh_id and p.participants]
         if groups:
             peer.send_frame(Participants(remote_participants=groups))
-        if peer.participants or had_participants:
-            self.announce(peer)
-
-    async def detach(self, peer: Peer) -> None:
-        """The peer's connection ended."""
-        self.forget(peer)
+        if presence.participants or (before is not None and before.participants):
+            self._announce(presence)
+        await self._publish(presence)
 
     def forget(self, peer: Peer) -> None:
         """Drop `peer` unless a newer connection already replaced it; no ghost participants remain."""
         if peer.mesh_id is None or self.peers.get(peer.mesh_id) is not peer:
             return
         del self.peers[peer.mesh_id]
-        if peer.participants:
-            peer.participants = []
-            self.announce(peer)
-
-    def announce(self, peer: Peer) -> None:
-        """Send `peer`'s participant group to every other mesh."""
-        text, size = text_frame(Participants(remote_participants=[peer.group()]))
-        for other in list(self.peers.values()):
-            if other is not peer:
-                other.send(text, size)
-
-    def incoming(self, sender: Peer, payload: dict[str, Any]) -> tuple[str, int]:
-        if self.sanitize is not None:
-            payload = self.sanitize(payload)
-        return text_frame(Incoming(from_mesh_id=sender.mesh_id or "", from_mesh_name=sender.name, payload=payload))
-
-    async def relay(self, sender: Peer, target: str, payload: dict[str, Any]) -> bool:
-        peer = self.peers.get(target)
-        if peer is None:
-            return False
-        text, size = self.incoming(sender, payload)
-        return peer.send(text, size)
-
-    async def broadcast(self, sender: Peer, payload: dict[str, Any]) -> int:
-        """Encode once, queue the same text for every other mesh; returns how many took it."""
-        text, size = self.incoming(sender, payload)
-        delivered = 0
-        for peer in list(self.peers.values()):
-            if peer is not sender and peer.send(text, size):
-                delivered += 1
-        return delivered
-
-    async def instances(self) -> list[Instance]:
-        return [Instance(mesh_id=p.mesh_id or "", name=p.name, public_rooms=p.public_rooms) for p in self.peers.values()]
+        presence = self.meshes.get(peer.mesh_id)
+        if presence is None or presence.conn != peer.conn:
+            return  # another process took the mesh over
+        del self.meshes[peer.mesh_id]
+        if presence.participants:
+            self._announce(msgspec.structs.replace(presence, participants=[]))
+        task = asyncio.create_task(self._withdraw(presence))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def set_participants(self, peer: Peer, participants: list[Participant]) -> None:
         peer.participants = participants
-        self.announce(peer)
+        presence = self.meshes[peer.mesh_id or ""] = peer.presence(self.node)
+        self._announce(presence)
+        await self._publish(presence)
 
     async def set_rooms(self, peer: Peer, rooms: list[str]) -> None:
         peer.public_rooms = rooms
+        presence = self.meshes[peer.mesh_id or ""] = peer.presence(self.node)
+        await self._publish(presence)
 
-    def rename(self, mesh_id: str, name: str) -> None:
+    async def _publish(self, presence: Presence) -> None:
+        try:
+            await self.backplane.publish(presence)
+        except BackplaneUnavailable:
+            log.warning("mesh %s: backplane down, announced on this process only", presence.mesh_id)
+
+    async def _withdraw(self, presence: Presence) -> None:
+        try:
+            await self.backplane.withdraw(presence)
+        except BackplaneUnavailable:
+            log.warning("mesh %s: backplane down, its presence expires by TTL", presence.mesh_id)
+
+    # --- relaying ---
+
+    def incoming(self, sender: Peer, payload: dict[str, Any]) -> bytes:
+        if self.sanitize is not None:
+            payload = self.sanitize(payload)
+        return encoder.encode(Incoming(from_mesh_id=sender.mesh_id or "", from_mesh_name=sender.name, payload=payload))
+
+    async def relay(self, sender: Peer, target: str, payload: dict[str, Any]) -> bool:
+        """Deliver to one mesh, here or on its process; False if it is connected nowhere."""
+        peer = self.peers.get(target)
+        if peer is not None:
+            data = self.incoming(sender, payload)
+            return peer.send(data.decode(), len(data))
+        if not self.healthy:
+            raise BackplaneUnavailable
+        presence = self.meshes.get(target)
+        if presence is None:
+            return False
+        return await self.backplane.relay(presence.node, target, self.incoming(sender, payload))
+
+    async def broadcast(self, sender: Peer, payload: dict[str, Any]) -> int:
+        """Encode once; deliver here, publish once for the other processes.
+        Returns the meshes connected cluster-wide, less the sender."""
+        data = self.incoming(sender, payload)
+        self.fan_out(sender.mesh_id or "", data.decode(), len(data))
+        delivered = len(self.meshes) - 1
+        await self.backplane.broadcast(sender.mesh_id or "", data)
+        return delivered
+
+    def deliver(self, mesh_id: str, text: str, size: int) -> None:
         peer = self.peers.get(mesh_id)
         if peer is not None:
+            peer.send(text, size)
+
+    def fan_out(self, sender: str, text: str, size: int) -> None:
+        for peer in list(self.peers.values()):
+            if peer.mesh_id != sender:
+                peer.send(text, size)
+
+    async def instances(self) -> list[Instance]:
+        """Every connected mesh; only this process's while the backplane is down."""
+        meshes = self.meshes.values() if self.healthy else (p.presence(self.node) for p in self.peers.values())
+        return [Instance(mesh_id=p.mesh_id, name=p.name, public_rooms=p.public_rooms) for p in meshes]
+
+    # --- what other processes tell us ---
+
+    def apply(self, presence: Presence) -> None:
+        """Another process holds (or updated) a mesh."""
+        if presence.node == self.node:
+            return
+        mesh_id = presence.mesh_id
+        local = self.peers.get(mesh_id)
+        if local is not None and local.seq > presence.seq:
+            return  # ours is the newer claim: the other process yields
+        before = self.meshes.get(mesh_id)
+        self.meshes[mesh_id] = presence
+        if local is not None:
+            local.close(CLOSE_REPLACED, "replaced")
+        if before == presence:
+            return
+        if presence.participants != (before.participants if before is not None else []):
+            self._announce(presence)
+
+    def remove(self, mesh_id: str, conn: str) -> None:
+        """A remote connection ended (or its process's presence expired)."""
+        presence = self.meshes.get(mesh_id)
+        if presence is None or presence.conn != conn or presence.node == self.node:
+            return
+        del self.meshes[mesh_id]
+        if presence.participants:
+            self._announce(msgspec.structs.replace(presence, participants=[]))
+
+    def resync(self, remote: dict[str, Presence]) -> None:
+        """Make the view of other processes' meshes equal to `remote` (read from Redis)."""
+        for mesh_id, presence in list(self.meshes.items()):
+            if presence.node != self.node and mesh_id not in remote:
+                self.remove(mesh_id, presence.conn)
+        for presence in remote.values():
+            self.apply(presence)
+
+    def changed(self, mesh_id: str, *, name: str | None = None, close: bool = False) -> None:
+        """The registry changed a mesh: rename it, or close it (unregistered), if it is here."""
+        peer = self.peers.get(mesh_id)
+        if peer is None:
+            return
+        if close:
+            peer.close(CLOSE_UNREGISTERED, "unregistered")
+        elif name is not None:
             peer.name = name
+            presence = self.meshes[mesh_id] = peer.presence(self.node)
+            task = asyncio.create_task(self._publish(presence))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-    def kick(self, mesh_id: str, code: int, reason: str) -> None:
-        peer = self.peers.get(mesh_id)
-        if peer is not None:
-            peer.close(code, reason)
+    def _announce(self, presence: Presence) -> None:
+        """Send a mesh's participant group to every other mesh on this process."""
+        data = encoder.encode(Participants(remote_participants=[group(presence)]))
+        self.fan_out(presence.mesh_id, data.decode(), len(data))
 
     def close_all(self, code: int, reason: str) -> list[asyncio.Task[None]]:
         writers = []
@@ -620,6 +731,350 @@ class Hub:
             peer.close(code, reason)
             writers.append(peer.writer)
         return writers
+
+
+def group(presence: Presence) -> ParticipantGroup:
+    return ParticipantGroup(mesh_id=presence.mesh_id, mesh_name=presence.name, participants=presence.participants)
+
+
+# --- Backplane --------------------------------------------------------------
+# Moves what crosses processes. MemoryBackplane: one process, nothing to move.
+# RedisBackplane: presence in Redis hashes with a TTL, frames over pub/sub.
+
+
+class Backplane(Protocol):
+    node: str  # this process's id
+    healthy: bool
+
+    async def start(self, hub: Hub) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def publish(self, presence: Presence) -> None: ...
+
+    async def withdraw(self, presence: Presence) -> None: ...
+
+    async def relay(self, node: str, mesh_id: str, frame: bytes) -> bool: ...
+
+    async def broadcast(self, sender: str, frame: bytes) -> None: ...
+
+    async def notify(self, mesh_id: str, *, name: str | None = None, close: bool = False) -> None: ...
+
+
+class MemoryBackplane:
+    """The single-process default: every mesh is on this process."""
+
+    def __init__(self) -> None:
+        self.node = "local"
+        self.healthy = True
+        self.hub: Hub | None = None
+
+    async def start(self, hub: Hub) -> None:
+        self.hub = hub
+
+    async def stop(self) -> None:
+        self.hub = None
+
+    async def publish(self, presence: Presence) -> None:
+        pass
+
+    async def withdraw(self, presence: Presence) -> None:
+        pass
+
+    async def relay(self, node: str, mesh_id: str, frame: bytes) -> bool:
+        return False  # no other process: a mesh not held here is offline
+
+    async def broadcast(self, sender: str, frame: bytes) -> None:
+        pass
+
+    async def notify(self, mesh_id: str, *, name: str | None = None, close: bool = False) -> None:
+        if self.hub is not None:
+            self.hub.changed(mesh_id, name=name, close=close)
+
+
+# What processes tell each other on the bus channel and their own channels.
+class Bus(Struct, tag_field="k"):
+    pass
+
+
+class Delivery(Bus, tag="relay"):
+    mesh_id: str
+    frame: msgspec.Raw
+
+
+class Fanout(Bus, tag="broadcast"):
+    node: str
+    sender: str
+    frame: msgspec.Raw
+
+
+class Joined(Bus, tag="presence"):
+    presence: Presence
+
+
+class Left(Bus, tag="leave"):
+    mesh_id: str
+    conn: str
+
+
+class Changed(Bus, tag="changed"):
+    mesh_id: str
+    name: str | None = None
+    close: bool = False
+
+
+bus_decoder = msgspec.json.Decoder(Delivery | Fanout | Joined | Left | Changed)
+presence_decoder = msgspec.json.Decoder(Presence)
+
+# Redis keys and channels (also in README.md).
+KEY_REGISTRY = "mesh:registry"  # hash meshId -> registration JSON (hashed secret)
+KEY_IMPORTED = "mesh:imported"  # set of registry-file digests already imported
+KEY_NODES = "mesh:nodes"  # set of process ids that may hold meshes
+KEY_PRESENCE = "mesh:presence:"  # + process id: hash meshId -> Presence JSON, with a TTL
+CHANNEL_BUS = "mesh:bus"  # broadcasts, presence changes, registry changes
+CHANNEL_NODE = "mesh:node:"  # + process id: relays to that process's meshes
+
+# Delete a presence entry only if it is still this connection's.
+WITHDRAW_LUA = """
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if current and cjson.decode(current)['conn'] == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
+return redis.call('PUBLISH', KEYS[2], ARGV[3])
+"""
+# Registry compare-and-set: write ARGV[3] (or delete, if empty) only if the entry is still ARGV[2].
+CAS_LUA = """
+local current = redis.call('HGET', KEYS[1], ARGV[1]) or ''
+if current ~= ARGV[2] then return 0 end
+if ARGV[3] == '' then redis.call('HDEL', KEYS[1], ARGV[1]) else redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) end
+return 1
+"""
+
+
+class RedisBackplane:
+    """Many processes, one gateway. One listener task per process subscribes to the
+    bus, refreshes this process's presence TTL, and resyncs the cluster view every
+    second; when Redis goes away it marks the process unhealthy (503) and keeps
+    retrying, then re-announces every local mesh once Redis answers again."""
+
+    SYNC_S = 1.0
+    RETRY_S = 0.5
+
+    def __init__(self, settings: Settings) -> None:
+        import redis.asyncio as redis  # only when REDIS_URL is set
+
+        self.redis = redis.Redis.from_url(
+            settings.redis_url or "", socket_timeout=2, socket_connect_timeout=2, health_check_interval=0
+        )
+        self.errors: tuple[type[Exception], ...] = (redis.RedisError, OSError)
+        self.node = os.urandom(6).hex()
+        self.healthy = False
+        self.ttl_ms = int(settings.presence_ttl_s * 1000)
+        self.registry_path = settings.registry_path
+        self.key = KEY_PRESENCE + self.node
+        self.withdraw_script = self.redis.register_script(WITHDRAW_LUA)
+        self.hub: Hub | None = None
+        self.task: asyncio.Task[None] | None = None
+        self._imported = False
+
+    async def start(self, hub: Hub) -> None:
+        self.hub = hub
+        self.task = asyncio.create_task(self._run())
+        self.task.add_done_callback(self._died)
+        with contextlib.suppress(TimeoutError):  # serve anyway: /health says 503 until Redis answers
+            async with asyncio.timeout(3):
+                while not self.healthy and not self.task.done():
+                    await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        with contextlib.suppress(*self.errors):
+            await self.redis.delete(self.key)
+            await self.redis.srem(KEY_NODES, self.node)
+        await self.redis.aclose()
+
+    def _died(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.healthy = False
+            log.error("backplane listener died: %r; /health answers 503", task.exception())
+
+    async def _call(self, command: Any) -> Any:
+        """Await a Redis command; an outage becomes BackplaneUnavailable."""
+        if not self.healthy:
+            raise BackplaneUnavailable
+        try:
+            return await command
+        except self.errors as exc:
+            raise BackplaneUnavailable from exc
+
+    async def publish(self, presence: Presence) -> None:
+        data = encoder.encode(presence)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(self.key, presence.mesh_id, data)
+        pipe.pexpire(self.key, self.ttl_ms)
+        pipe.sadd(KEY_NODES, self.node)
+        pipe.publish(CHANNEL_BUS, encoder.encode(Joined(presence)))
+        await self._call(pipe.execute())
+
+    async def withdraw(self, presence: Presence) -> None:
+        left = encoder.encode(Left(mesh_id=presence.mesh_id, conn=presence.conn))
+        await self._call(self.withdraw_script(keys=[self.key, CHANNEL_BUS], args=[presence.mesh_id, presence.conn, left]))
+
+    async def relay(self, node: str, mesh_id: str, frame: bytes) -> bool:
+        data = encoder.encode(Delivery(mesh_id=mesh_id, frame=msgspec.Raw(frame)))
+        return bool(await self._call(self.redis.publish(CHANNEL_NODE + node, data)))
+
+    async def broadcast(self, sender: str, frame: bytes) -> None:
+        data = encoder.encode(Fanout(node=self.node, sender=sender, frame=msgspec.Raw(frame)))
+        await self._call(self.redis.publish(CHANNEL_BUS, data))
+
+    async def notify(self, mesh_id: str, *, name: str | None = None, close: bool = False) -> None:
+        await self._call(self.redis.publish(CHANNEL_BUS, encoder.encode(Changed(mesh_id, name, close))))
+
+    # --- the listener ---
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._session()
+            except self.errors as exc:
+                if self.healthy:
+                    log.error("backplane lost (%s): /health answers 503 until Redis is back", exc)
+                self.healthy = False
+            await asyncio.sleep(self.RETRY_S)
+
+    async def _session(self) -> None:
+        pubsub = self.redis.pubsub()
+        try:
+            await pubsub.subscribe(CHANNEL_BUS, CHANNEL_NODE + self.node)
+            if not self._imported:
+                await import_registry_file(self.redis, self.registry_path)
+                self._imported = True
+            await self._announce_all()
+            await self._resync()
+            self.healthy = True
+            log.info("backplane connected (process %s)", self.node)
+            loop = asyncio.get_running_loop()
+            next_beat = next_sync = loop.time()
+            while True:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
+                if message is not None:
+                    self._receive(message["data"])
+                now = loop.time()
+                if now >= next_beat:
+                    await self._heartbeat()
+                    next_beat = now + self.ttl_ms / 3000
+                if now >= next_sync:
+                    await self._resync()
+                    next_sync = now + self.SYNC_S
+        finally:
+            with contextlib.suppress(*self.errors):
+                await pubsub.aclose()
+
+    def _receive(self, data: bytes) -> None:
+        assert self.hub is not None
+        try:
+            message = bus_decoder.decode(data)
+        except msgspec.DecodeError as exc:
+            log.error("unreadable backplane message: %s", exc)
+            return
+        match message:
+            case Delivery(mesh_id=mesh_id, frame=frame):
+                self.hub.deliver(mesh_id, bytes(frame).decode(), len(frame))
+            case Fanout(node=node, sender=sender, frame=frame) if node != self.node:
+                self.hub.fan_out(sender, bytes(frame).decode(), len(frame))
+            case Joined(presence=presence):
+                self.hub.apply(presence)
+            case Left(mesh_id=mesh_id, conn=conn):
+                self.hub.remove(mesh_id, conn)
+            case Changed(mesh_id=mesh_id, name=name, close=close):
+                self.hub.changed(mesh_id, name=name, close=close)
+
+    async def _announce_all(self) -> None:
+        """(Re)write this process's presence: Redis may have restarted empty."""
+        assert self.hub is not None
+        local = [self.hub.meshes[m] for m in self.hub.peers if m in self.hub.meshes]
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.delete(self.key)
+        if local:
+            pipe.hset(self.key, mapping={p.mesh_id: encoder.encode(p) for p in local})
+            pipe.pexpire(self.key, self.ttl_ms)
+        pipe.sadd(KEY_NODES, self.node)
+        for presence in local:
+            pipe.publish(CHANNEL_BUS, encoder.encode(Joined(presence)))
+        await pipe.execute()
+
+    async def _heartbeat(self) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.pexpire(self.key, self.ttl_ms)
+        pipe.sadd(KEY_NODES, self.node)
+        await pipe.execute()
+
+    async def _resync(self) -> None:
+        """Read every process's presence; a process whose hash expired is dead."""
+        assert self.hub is not None
+        nodes = [n.decode() for n in await self.redis.smembers(KEY_NODES)]
+        pipe = self.redis.pipeline(transaction=False)
+        for node in nodes:
+            pipe.hgetall(KEY_PRESENCE + node)
+        remote: dict[str, Presence] = {}
+        dead = []
+        for node, entries in zip(nodes, await pipe.execute()):
+            if not entries and node != self.node:
+                dead.append(node)
+            for raw in entries.values() if node != self.node else ():
+                presence = presence_decoder.decode(raw)
+                seen = remote.get(presence.mesh_id)
+                if seen is None or seen.seq < presence.seq:
+                    remote[presence.mesh_id] = presence
+        if dead:
+            await self.redis.srem(KEY_NODES, *dead)
+        self.hub.resync(remote)
+
+
+async def import_registry_file(client: Any, path: str) -> None:
+    """Moving from one process to many: add the file's meshes Redis lacks, once per file content."""
+    try:
+        with open(path, "rb") as file:
+            digest = hashlib.sha256(file.read()).hexdigest()
+    except FileNotFoundError:
+        return
+    if await client.sismember(KEY_IMPORTED, digest):
+        return
+    meshes = load_registry_file(path)
+    pipe = client.pipeline(transaction=False)
+    for mesh in meshes.values():
+        pipe.hsetnx(KEY_REGISTRY, mesh.mesh_id, encoder.encode(mesh))
+    added = sum(await pipe.execute())
+    await client.sadd(KEY_IMPORTED, digest)
+    log.info("imported %d of %d meshes from %s into Redis", added, len(meshes), path)
+
+
+class RedisRegistry:
+    """The registry in one Redis hash; writes are compare-and-set (Lua), so two
+    processes registering the same id at once cannot both win."""
+
+    def __init__(self, backplane: RedisBackplane) -> None:
+        self.backplane = backplane
+        self.cas = backplane.redis.register_script(CAS_LUA)
+
+    async def get(self, mesh_id: str) -> Mesh | None:
+        raw = await self.backplane._call(self.backplane.redis.hget(KEY_REGISTRY, mesh_id))
+        return None if raw is None else msgspec.json.decode(raw, type=Mesh)
+
+    async def put(self, mesh: Mesh, *, expect: Mesh | None) -> bool:
+        return await self._swap(mesh.mesh_id, expect, encoder.encode(mesh))
+
+    async def delete(self, mesh: Mesh) -> bool:
+        return await self._swap(mesh.mesh_id, mesh, b"")
+
+    async def close(self) -> None:
+        pass
+
+    async def _swap(self, mesh_id: str, expect: Mesh | None, new: bytes) -> bool:
+        old = b"" if expect is None else encoder.encode(expect)
+        return bool(await self.backplane._call(self.cas(keys=[KEY_REGISTRY], args=[mesh_id, old, new])))
 
 
 # --- Dispatcher -------------------------------------------------------------
@@ -633,7 +1088,12 @@ async def dispatch(peer: Peer, frame: ClientFrame, hub: Hub) -> None:
         case Relay(target_mesh_id=target, payload=payload, id=frame_id):
             if not admit(peer, frame_id):
                 return
-            if not await hub.relay(peer, target, payload):
+            try:
+                delivered = await hub.relay(peer, target, payload)
+            except BackplaneUnavailable:
+                peer.send_frame(unavailable(frame_id))
+                return
+            if not delivered:
                 peer.send_frame(
                     Error(
                         message=f"mesh {target!r} is not connected",
@@ -647,7 +1107,11 @@ async def dispatch(peer: Peer, frame: ClientFrame, hub: Hub) -> None:
         case Broadcast(payload=payload, id=frame_id):
             if not admit(peer, frame_id):
                 return
-            delivered = await hub.broadcast(peer, payload)
+            try:
+                delivered = await hub.broadcast(peer, payload)
+            except BackplaneUnavailable:  # delivered on this process only
+                peer.send_frame(unavailable(frame_id))
+                return
             if frame_id is not None:
                 peer.send_frame(Ack(id=frame_id, delivered=delivered))
         case UpdateParticipants(participants=participants):
@@ -656,6 +1120,10 @@ async def dispatch(peer: Peer, frame: ClientFrame, hub: Hub) -> None:
             await hub.set_rooms(peer, rooms)
         case Auth():
             peer.send_frame(Error(message="already authenticated", code=ALREADY_AUTHENTICATED))
+
+
+def unavailable(frame_id: str | None) -> Error:
+    return Error(message="backplane unavailable: not relayed to other processes", code=BACKPLANE_UNAVAILABLE, id=frame_id)
 
 
 def admit(peer: Peer, frame_id: str | None) -> bool:
@@ -741,18 +1209,26 @@ class Gateway:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: object = None) -> AsyncIterator[None]:
-        """Open the registry and hub; on exit close every socket (1012) and persist."""
-        self._registry = FileRegistry(self.settings.registry_path)
-        self._hub = Hub(self.settings)
+        """Open the registry, backplane and hub; on exit close every socket (1012) and persist."""
+        backplane: Backplane
+        if self.settings.redis_url:
+            backplane = RedisBackplane(self.settings)
+            self._registry = RedisRegistry(backplane)
+        else:
+            backplane = MemoryBackplane()
+            self._registry = FileRegistry(self.settings.registry_path)
+        hub = self._hub = Hub(self.settings, backplane)
         # Hashing releases the GIL: two threads keep auth bursts off the event loop.
         self._hasher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mesh-hash")
-        log.info("gateway ready (registry %s)", self.settings.registry_path)
+        await backplane.start(hub)
+        log.info("gateway ready (%s)", "Redis backplane" if self.settings.redis_url else self.settings.registry_path)
         try:
             yield
         finally:
-            writers = self._hub.close_all(CLOSE_RESTART, "service restart")
+            writers = hub.close_all(CLOSE_RESTART, "service restart")
             if writers:
                 await asyncio.wait(writers, timeout=2)
+            await backplane.stop()
             await self._registry.close()
             self._hasher.shutdown(wait=False, cancel_futures=True)
             self._hub = self._registry = self._hasher = None
@@ -785,11 +1261,15 @@ class Gateway:
 
     async def register(self, request: Request) -> Response:
         try:
+            if not self.hub.healthy:
+                raise BackplaneUnavailable
             if request.method == "DELETE":
                 return await self._unregister(request)
             return await self._register(request)
         except Reject as exc:
             return json_response({"error": exc.message}, exc.status)
+        except BackplaneUnavailable:
+            return json_response({"error": "backplane unavailable, retry later"}, 503)
 
     async def _register(self, request: Request) -> Response:
         admin = self._is_admin(request)
@@ -812,7 +1292,8 @@ class Gateway:
             created = current.created if current is not None else time.time()
             mesh = Mesh(mesh_id=body.mesh_id, name=body.name, secret_hash=secret_hash, created=created)
             if await self.registry.put(mesh, expect=current):
-                self.hub.rename(mesh.mesh_id, mesh.name)
+                if current is not None and current.name != mesh.name:
+                    await self.hub.backplane.notify(mesh.mesh_id, name=mesh.name)
                 log.info("mesh %s %s", mesh.mesh_id, "registered" if current is None else "updated")
                 return json_response({"ok": True, "created": current is None})
         raise Reject(409, "meshId already registered")
@@ -830,14 +1311,16 @@ class Gateway:
                 raise Reject(403, "wrong secret")
         if not await self.registry.delete(current):
             raise Reject(409, "meshId changed meanwhile, retry")
-        self.hub.kick(body.mesh_id, CLOSE_UNREGISTERED, "unregistered")
+        await self.hub.backplane.notify(body.mesh_id, close=True)
         log.info("mesh %s unregistered", body.mesh_id)
         return json_response({"ok": True})
 
     async def health(self, request: Request) -> Response:
         hub = self.hub
-        status = 200 if hub.healthy else 503
-        return json_response({"ok": hub.healthy, "connected": len(hub.peers)}, status)
+        body: dict[str, Any] = {"ok": hub.healthy, "connected": len(hub.peers)}
+        if self.settings.redis_url:
+            body["clusterConnected"] = len(hub.meshes) if hub.healthy else None
+        return json_response(body, 200 if hub.healthy else 503)
 
     # --- Endpoints: WebSocket ---
 
@@ -864,7 +1347,7 @@ class Gateway:
         finally:
             deadline.cancel()
             peer.writer.cancel()
-            await hub.detach(peer)
+            hub.forget(peer)
 
     async def _handle(self, peer: Peer, data: str | bytes, hub: Hub) -> None:
         """Size-check and decode one message, then authenticate or dispatch it."""
@@ -887,8 +1370,19 @@ class Gateway:
             peer.send_frame(AuthError(message="Not authenticated"))
 
     async def _authenticate(self, peer: Peer, frame: Auth, hub: Hub) -> None:
-        mesh = await self.registry.get(frame.mesh_id)
-        valid = await self._verify(frame.secret, mesh.secret_hash if mesh else DUMMY_HASH)
+        try:
+            if not hub.healthy:
+                raise BackplaneUnavailable
+            mesh = await self.registry.get(frame.mesh_id)
+            valid = await self._verify(frame.secret, mesh.secret_hash if mesh else DUMMY_HASH)
+            if mesh is not None and valid and is_legacy(mesh.secret_hash):  # the Node gateway's hash: upgrade it now
+                upgraded = Mesh(mesh.mesh_id, mesh.name, await self._hash(frame.secret), mesh.created or time.time())
+                await self.registry.put(upgraded, expect=mesh)
+                log.info("mesh %s: secret hash upgraded", mesh.mesh_id)
+        except BackplaneUnavailable:  # no secret can be checked: send the node elsewhere
+            peer.send_frame(AuthError(message="Service unavailable"))
+            peer.close(CLOSE_TRY_AGAIN, "service unavailable")
+            return
         if peer.closing:
             return  # the auth deadline passed meanwhile
         if mesh is None or not valid:
@@ -896,10 +1390,6 @@ class Gateway:
             peer.send_frame(AuthError(message="Invalid credentials"))
             peer.close(CLOSE_POLICY, "invalid credentials")
             return
-        if is_legacy(mesh.secret_hash):  # Node gateway's unsalted hash: upgrade it now
-            upgraded = Mesh(mesh.mesh_id, mesh.name, await self._hash(frame.secret), mesh.created or time.time())
-            await self.registry.put(upgraded, expect=mesh)
-            log.info("mesh %s: secret hash upgraded", mesh.mesh_id)
         peer.mesh_id, peer.name = mesh.mesh_id, mesh.name
         peer.participants, peer.public_rooms = frame.participants, frame.public_rooms
         peer.send_frame(AuthOk(mesh_id=mesh.mesh_id, name=mesh.name))

@@ -259,7 +259,7 @@ async def make_peer(hub: gw.Hub, mesh_id: str, participants: list[gw.Participant
 
 
 async def test_dispatch_relay_ack_and_offline() -> None:
-    hub = gw.Hub(Settings())
+    hub = gw.Hub(Settings(), gw.MemoryBackplane())
     a, sock_a = await make_peer(hub, "a")
     b, sock_b = await make_peer(hub, "b")
     await gw.dispatch(a, gw.Relay(target_mesh_id="b", payload=MESSAGE, id="1"), hub)
@@ -273,27 +273,26 @@ async def test_dispatch_relay_ack_and_offline() -> None:
 
 
 async def test_dispatch_broadcast_encodes_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    hub = gw.Hub(Settings())
+    hub = gw.Hub(Settings(), gw.MemoryBackplane())
     sender, sock = await make_peer(hub, "s")
     receivers = [await make_peer(hub, f"r{i}") for i in range(5)]
-    encodes = 0
-    real = gw.text_frame
+    encoded: list[type] = []
 
-    def counting(frame: gw.Frame) -> tuple[str, int]:
-        nonlocal encodes
-        encodes += 1
-        return real(frame)
+    class Counting:
+        def encode(self, obj: Any) -> bytes:
+            encoded.append(type(obj))
+            return msgspec.json.encode(obj)
 
-    monkeypatch.setattr(gw, "text_frame", counting)
+    monkeypatch.setattr(gw, "encoder", Counting())
     await gw.dispatch(sender, gw.Broadcast(payload=MESSAGE, id="b1"), hub)
-    assert encodes == 1
+    assert encoded.count(gw.Incoming) == 1
     texts = [await s.next() for _, s in receivers]
     assert all(t == texts[0] for t in texts)
     assert await sock.next() == {"type": "gateway_ack", "id": "b1", "delivered": 5}
 
 
 async def test_dispatch_rate_limit_relays_nothing() -> None:
-    hub = gw.Hub(Settings(rate_limit_per_min=2))
+    hub = gw.Hub(Settings(rate_limit_per_min=2), gw.MemoryBackplane())
     a, sock_a = await make_peer(hub, "a")
     b, sock_b = await make_peer(hub, "b")
     for i in range(3):
@@ -303,19 +302,19 @@ async def test_dispatch_rate_limit_relays_nothing() -> None:
 
 
 async def test_dispatch_participants_and_ghosts() -> None:
-    hub = gw.Hub(Settings())
+    hub = gw.Hub(Settings(), gw.MemoryBackplane())
     a, sock_a = await make_peer(hub, "a")
     alice = gw.Participant("1", "alice", "user")
     b, sock_b = await make_peer(hub, "b", [alice])
     assert (await sock_a.next())["remoteParticipants"][0]["participants"] == [{"id": "1", "name": "alice", "type": "user"}]
     await gw.dispatch(a, gw.UpdateParticipants([gw.Participant("2", "bob", "agent")]), hub)
     assert (await sock_b.next())["remoteParticipants"][0]["meshId"] == "a"
-    await hub.detach(b)
+    hub.forget(b)
     assert (await sock_a.next())["remoteParticipants"] == [{"meshId": "b", "meshName": "B", "participants": []}]
 
 
 async def test_slow_peer_is_cut_off_at_its_buffer() -> None:
-    hub = gw.Hub(Settings(send_buffer_bytes=200 * 1024))
+    hub = gw.Hub(Settings(send_buffer_bytes=200 * 1024), gw.MemoryBackplane())
     blocked = asyncio.Event()
 
     class Stalled(FakeSocket):

@@ -82,13 +82,13 @@ async def run_one(name: str, spec: ServerSpec, ctx: Context, run: int) -> dict[s
     record = {
         "run": run, "scenario": name, "server": spec.kind, "ok": outcome.ok,
         "metrics": outcome.metrics, "server_cpu_pct": outcome.server_cpu_pct,
-        "loadgen_cpu_pct": outcome.loadgen_cpu_pct, "errors": outcome.errors[:20],
+        "loadgen_cpu_pct": outcome.loadgen_cpu_pct, "other_cpu_pct": outcome.other_cpu_pct, "errors": outcome.errors[:20],
         "elapsed_s": time.monotonic() - t0,
     }  # fmt: skip
     level = logging.INFO if outcome.ok else logging.ERROR
-    log.log(level, "run %d %-10s %-8s %s cpu server %.0f%% load %.0f%% %s", run, name, spec.kind,
+    log.log(level, "run %d %-10s %-8s %s cpu %% server %.0f loadgen %.0f other %.0f %s", run, name, spec.kind,
             {k: round(v, 3) for k, v in outcome.metrics.items()}, outcome.server_cpu_pct,
-            outcome.loadgen_cpu_pct, outcome.errors[:3])  # fmt: skip
+            outcome.loadgen_cpu_pct, outcome.other_cpu_pct, outcome.errors[:3])  # fmt: skip
     return record
 
 
@@ -107,7 +107,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         by_run = {(r["server"], r["run"]): r for r in rows}
         metrics = sorted({m for r in rows for m in r["metrics"]})
         entry: dict[str, Any] = {}
-        for metric in [*metrics, "server_cpu_pct", "loadgen_cpu_pct"]:
+        for metric in [*metrics, "server_cpu_pct", "loadgen_cpu_pct", "other_cpu_pct"]:
             def value(r: dict[str, Any]) -> float:
                 return r[metric] if metric.endswith("cpu_pct") else r["metrics"].get(metric, float("nan"))
 

@@ -167,15 +167,11 @@ async def relay(spec: ServerSpec, ctx: Context) -> Outcome:
     pairs = [(mesh_id(2 * i), mesh_id(2 * i + 1)) for i in range(s.relay_pairs)]
     async with spec.launch(ctx.tmp, registry=ctx.registry(spec)) as server, Fleet(ctx.tmp, "relay") as fleet:
         await fleet.start([job("relay", server, ctx, pairs=c, window=s.relay_window) for c in chunks(pairs, s.relay_workers)])
-        results, server_cpu = await measured_window(server, fleet, ctx)
+        results, meter = await measured_window(server, fleet, ctx)
     window = statistics.mean(r["window_s"] for r in results)
     lat = latency(results)
-    out = Outcome(
-        metrics={"msgs_per_s": sum(r["count"] for r in results) / window, "p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"]},
-        server_cpu_pct=server_cpu, loadgen_cpu_pct=load_cpu(results),
-    )  # fmt: skip
-    check(results, out)
-    return out
+    rate = sum(r["count"] for r in results) / window
+    return outcome({"msgs_per_s": rate, "p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"]}, meter, results)
 
 
 async def _fanout(spec: ServerSpec, ctx: Context, *, rate: float) -> tuple[Outcome, list[dict[str, Any]]]:
@@ -184,14 +180,8 @@ async def _fanout(spec: ServerSpec, ctx: Context, *, rate: float) -> tuple[Outco
     async with spec.launch(ctx.tmp, registry=ctx.registry(spec)) as server, Fleet(ctx.tmp, "fanout") as fleet:
         params = {"sender": meshes[0], "receivers": meshes[1:], "rate": rate, "window": s.fanout_window}
         await fleet.start([job("fanout", server, ctx, **params)])
-        results, server_cpu = await measured_window(server, fleet, ctx)
-    window = results[0]["window_s"]
-    out = Outcome(
-        metrics={"deliveries_per_s": results[0]["count"] / window},
-        server_cpu_pct=server_cpu, loadgen_cpu_pct=load_cpu(results),
-    )  # fmt: skip
-    check(results, out)
-    return out, results
+        results, meter = await measured_window(server, fleet, ctx)
+    return outcome({"deliveries_per_s": results[0]["count"] / results[0]["window_s"]}, meter, results), results
 
 
 async def fanout(spec: ServerSpec, ctx: Context) -> Outcome:
@@ -207,7 +197,13 @@ async def fanout_max(spec: ServerSpec, ctx: Context) -> Outcome:
     return (await _fanout(spec, ctx, rate=0.0))[0]
 
 
+def elapsed(results: list[dict[str, Any]]) -> float:
+    """From the first worker's `go` to the last worker's `done`."""
+    return max(r.get("done_t", float("nan")) for r in results) - min(r["mark_t"] for r in results)
+
+
 async def conns(spec: ServerSpec, ctx: Context) -> Outcome:
+    """Idle authenticated meshes whose clients offer permessage-deflate, as Node's `ws` does."""
     s = ctx.scale
     meshes = [mesh_id(i) for i in range(s.conns)]
     async with spec.launch(ctx.tmp, registry=ctx.registry(spec)) as server, Fleet(ctx.tmp, "conns") as fleet:
@@ -215,80 +211,70 @@ async def conns(spec: ServerSpec, ctx: Context) -> Outcome:
         jobs = [job("connect", server, ctx, meshes=c, concurrency=64, deflate=True) for c in chunks(meshes, s.workers)]
         await fleet.start(jobs)
         fleet.send("go")
-        cpu0, t0 = server.cpu(), time.monotonic()
+        meter = Meter(server)
         await fleet.expect("done", s.timeout_s)
         await asyncio.sleep(1.0)  # let the server settle (pending writes, auth bookkeeping)
         rss1 = server.rss()
         health = await server.health() or {}
-        server_cpu = 100 * (server.cpu() - cpu0) / (time.monotonic() - t0)
+        meter.stop()
         results = await fleet.results()
-    out = Outcome(
-        metrics={
-            "rss_kib_per_conn": (rss1 - rss0) / s.conns / 1024,
-            "connect_s": max(r.get("done_t", 0) for r in results) - min(r["mark_t"] for r in results),
-            "deflate_accepted": sum(r.get("deflate_accepted", 0) for r in results),
-            "rss_before_mib": rss0 / 2**20,
-            "rss_after_mib": rss1 / 2**20,
-        },
-        server_cpu_pct=server_cpu, loadgen_cpu_pct=load_cpu(results),
-    )  # fmt: skip
-    check(results, out)
+    metrics = {
+        "rss_kib_per_conn": (rss1 - rss0) / s.conns / 1024,
+        "connect_s": elapsed(results),
+        "deflate_accepted": sum(r.get("deflate_accepted", 0) for r in results),
+        "rss_before_mib": rss0 / 2**20,
+        "rss_after_mib": rss1 / 2**20,
+    }
+    out = outcome(metrics, meter, results)
     if health.get("connected") != s.conns:
         out.errors.append(f"/health connected={health.get('connected')}, expected {s.conns}")
     return out
 
 
 async def auth_storm(spec: ServerSpec, ctx: Context) -> Outcome:
-    """A fresh server process over the persisted registry is the restart; then every mesh reconnects at once."""
+    """A fresh server process over the persisted registry is the restart; then every mesh reconnects at once,
+    while one mesh that got in first relays to itself back to back and records its worst round trip."""
     s = ctx.scale
     meshes = [mesh_id(i) for i in range(s.storm)]
-    watcher_mesh = mesh_id(s.storm)
     async with (
         spec.launch(ctx.tmp, registry=ctx.registry(spec)) as server,
         Fleet(ctx.tmp, "watcher") as watcher,
         Fleet(ctx.tmp, "storm") as storm,
     ):
-        await watcher.start([job("watcher", server, ctx, mesh=watcher_mesh)])
-        # The storm runs niced so the watcher's own loop is not what stalls.
+        await watcher.start([job("watcher", server, ctx, mesh=mesh_id(s.storm))])
+        # The storm runs niced so that the watcher's own process is not what stalls.
         await storm.start([job("connect", server, ctx, meshes=c, nice=5) for c in chunks(meshes, s.workers)])
         watcher.send("go")
         await asyncio.sleep(0.2)  # a baseline of quiet round trips
-        cpu0, t0 = server.cpu(), time.monotonic()
         storm.send("go")
+        meter = Meter(server)
         await storm.expect("done", s.timeout_s)
-        wall = time.monotonic() - t0
-        server_cpu = 100 * (server.cpu() - cpu0) / wall
+        meter.stop()
         storm_results = await storm.results()
         watch = (await watcher.results())[0]
-    out = Outcome(
-        metrics={
-            "all_authed_s": max(r.get("done_t", 0) for r in storm_results) - min(r["mark_t"] for r in storm_results),
-            "max_stall_ms": max(watch["samples"], default=0) / 1e6,
-            "watcher_pings": watch["count"],
-        },
-        server_cpu_pct=server_cpu, loadgen_cpu_pct=load_cpu(storm_results),
-    )  # fmt: skip
-    check([*storm_results, watch], out)
+    metrics = {
+        "all_authed_s": elapsed(storm_results),
+        "max_stall_ms": max(watch["samples"], default=0) / 1e6,
+        "watcher_pings": watch["count"],
+    }
+    out = outcome(metrics, meter, storm_results)
+    check([watch], out)
     return out
 
 
 async def register(spec: ServerSpec, ctx: Context) -> Outcome:
+    """Registrations into an empty registry over `register_clients` keep-alive connections."""
     s = ctx.scale
     meshes = [f"r-{i:05d}" for i in range(s.register)]
     async with spec.launch(ctx.tmp, registry=ctx.registry(spec, empty=True)) as server, Fleet(ctx.tmp, "register") as fleet:
         await fleet.start([job("register", server, ctx, meshes=c) for c in chunks(meshes, s.register_clients)])
         fleet.send("go")
-        cpu0, t0 = server.cpu(), time.monotonic()
+        meter = Meter(server)
         await fleet.expect("done", s.timeout_s)
-        wall = time.monotonic() - t0
-        server_cpu = 100 * (server.cpu() - cpu0) / wall
+        meter.stop()
         results = await fleet.results()
-    seconds = max(r.get("done_t", 0) for r in results) - min(r["mark_t"] for r in results)
-    out = Outcome(
-        metrics={"seconds": seconds, "per_s": s.register / seconds},
-        server_cpu_pct=server_cpu, loadgen_cpu_pct=load_cpu(results),
-    )  # fmt: skip
-    check(results, out)
+    seconds = elapsed(results)
+    out = outcome({"seconds": seconds, "per_s": s.register / seconds}, meter, results)
     if (ok := sum(r["ok"] for r in results)) != s.register:
         out.errors.append(f"{ok}/{s.register} registrations acknowledged")
     return out
