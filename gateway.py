@@ -569,8 +569,9 @@ class Hub:
 
     # --- this process's peers ---
 
-    async def attach(self, peer: Peer) -> None:
-        """Make `peer` the mesh's one live connection and exchange participant lists."""
+    async def attach(self, peer: Peer, greeting: Frame) -> None:
+        """Make `peer` the mesh's one live connection, tell the cluster, then greet the
+        peer and exchange participant lists."""
         mesh_id = peer.mesh_id
         assert mesh_id is not None
         old = self.peers.get(mesh_id)
@@ -581,12 +582,13 @@ class Hub:
         presence = self.meshes[mesh_id] = peer.presence(self.node)
         if old is not None:
             old.close(CLOSE_REPLACED, "replaced")  # its teardown no longer matches: it changes nothing
+        await self._publish(presence)
+        peer.send_frame(greeting)
         groups = [group(p) for p in self.meshes.values() if p.mesh_id != mesh_id and p.participants]
         if groups:
             peer.send_frame(Participants(remote_participants=groups))
         if presence.participants or (before is not None and before.participants):
             self._announce(presence)
-        await self._publish(presence)
 
     def forget(self, peer: Peer) -> None:
         """Drop `peer` unless a newer connection already replaced it; no ghost participants remain."""
@@ -686,7 +688,10 @@ class Hub:
             local.close(CLOSE_REPLACED, "replaced")
         if before == presence:
             return
-        if presence.participants != (before.participants if before is not None else []):
+        reconnected = before is None or before.conn != presence.conn
+        if presence.participants != (before.participants if before is not None else []) or (
+            reconnected and presence.participants
+        ):
             self._announce(presence)
 
     def remove(self, mesh_id: str, conn: str) -> None:
@@ -1392,8 +1397,7 @@ class Gateway:
             return
         peer.mesh_id, peer.name = mesh.mesh_id, mesh.name
         peer.participants, peer.public_rooms = frame.participants, frame.public_rooms
-        peer.send_frame(AuthOk(mesh_id=mesh.mesh_id, name=mesh.name))
-        await hub.attach(peer)
+        await hub.attach(peer, AuthOk(mesh_id=mesh.mesh_id, name=mesh.name))
         log.info("mesh %s connected", mesh.mesh_id)
 
     def _auth_timeout(self, peer: Peer) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -254,7 +255,8 @@ async def make_peer(hub: gw.Hub, mesh_id: str, participants: list[gw.Participant
     sock = FakeSocket()
     peer = gw.Peer(sock, hub.settings)  # type: ignore[arg-type]
     peer.mesh_id, peer.name, peer.participants = mesh_id, mesh_id.upper(), participants or []
-    await hub.attach(peer)
+    await hub.attach(peer, gw.AuthOk(mesh_id=mesh_id, name=peer.name))
+    assert (await sock.next())["type"] == "gateway_auth_ok"
     return peer, sock
 
 
@@ -324,7 +326,7 @@ async def test_slow_peer_is_cut_off_at_its_buffer() -> None:
     sender, _ = await make_peer(hub, "s")
     stalled = gw.Peer(Stalled(), hub.settings)  # type: ignore[arg-type]
     stalled.mesh_id = "slow"
-    await hub.attach(stalled)
+    await hub.attach(stalled, gw.AuthOk(mesh_id="slow", name="slow"))
     fast, fast_sock = await make_peer(hub, "fast")
     for i in range(200):
         await hub.broadcast(sender, {"type": "x", "message": str(i) * 1000})
@@ -388,6 +390,10 @@ class Node:
     async def error(self, code: str, **fields: Any) -> dict[str, Any]:
         return await self.expect("error", code=code, **fields)
 
+    async def discover(self) -> list[dict[str, Any]]:
+        await self.send(type="gateway_discover")
+        return (await self.expect("gateway_discover_result"))["instances"]
+
     async def quiet(self) -> None:
         """Prove nothing else is queued for this node: a discover answer comes next."""
         await self.send(type="gateway_discover")
@@ -403,48 +409,80 @@ class Node:
 
 
 class Gw:
-    """A running gateway under test: HTTP client, node factory."""
+    """A running gateway under test (one process, or several sharing Redis):
+    an HTTP client and a node factory. With several processes, registrations and
+    connections go to each process in turn, so every scenario crosses processes."""
 
-    def __init__(self, addr: str, http: httpx.AsyncClient, prefix: str = "") -> None:
-        self.addr = addr
+    def __init__(self, addrs: list[str], http: httpx.AsyncClient, prefix: str = "") -> None:
+        self.addrs = addrs
+        self.addr = addrs[0]
         self.http = http
         self.prefix = prefix
+        self.cluster = len(addrs) > 1
         self.stack = contextlib.AsyncExitStack()
+        self._turn = itertools.count()
+
+    def next_addr(self) -> str:
+        return self.addrs[next(self._turn) % len(self.addrs)]
 
     async def register(self, mesh_id: str, secret: str | None = None, name: str | None = None, **extra: Any) -> httpx.Response:
         body = {"meshId": mesh_id, "secret": secret or f"secret-{mesh_id}", "name": name or f"Mesh {mesh_id}"} | extra
-        return await self.http.post(f"{self.prefix}/register", json=body)
+        return await self.http.post(f"http://{self.next_addr()}{self.prefix}/register", json=body)
 
-    async def connect(self, *, rcvbuf: int | None = None) -> Node:
+    async def connect(self, *, rcvbuf: int | None = None, addr: str | None = None) -> Node:
+        addr = addr or self.next_addr()
         sock = None
         if rcvbuf is not None:  # a small receive buffer: the kernel cannot hide a stalled reader
             sock = socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-            host, port = self.addr.split(":")
+            host, port = addr.split(":")
             sock.connect((host, int(port)))
-        url = f"ws://{self.addr}{self.prefix}/gateway"
-        ws = await self.stack.enter_async_context(connect(url, open_timeout=TIMEOUT, sock=sock))
+        url = f"ws://{addr}{self.prefix}/gateway"
+        ws = await self.stack.enter_async_context(connect(url, open_timeout=TIMEOUT, sock=sock, max_size=None))
         return Node(ws)
 
     async def node(
-        self, mesh_id: str, participants: list[dict[str, str]] | None = None, *, rcvbuf: int | None = None, **auth: Any
+        self,
+        mesh_id: str,
+        participants: list[dict[str, str]] | None = None,
+        *,
+        rcvbuf: int | None = None,
+        addr: str | None = None,
+        **auth: Any,
     ) -> Node:
         """Register (if new), connect and authenticate a mesh."""
         response = await self.register(mesh_id)
         assert response.status_code == 200, response.text
-        node = await self.connect(rcvbuf=rcvbuf)
+        node = await self.connect(rcvbuf=rcvbuf, addr=addr)
         node.mesh_id = mesh_id
         frame: dict[str, Any] = {"meshId": mesh_id, "secret": f"secret-{mesh_id}"} | auth
         if participants is not None:
             frame["participants"] = participants
         await node.send(type="gateway_auth", **frame)
         await node.expect("gateway_auth_ok", meshId=mesh_id, name=f"Mesh {mesh_id}")
+        if self.cluster:
+            await self.agree()
         return node
 
+    async def healths(self) -> list[dict[str, Any]]:
+        responses = [await self.http.get(f"http://{addr}{self.prefix}/health") for addr in self.addrs]
+        assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+        return [r.json() for r in responses]
+
     async def health(self) -> dict[str, Any]:
-        response = await self.http.get(f"{self.prefix}/health")
-        assert response.status_code == 200
-        return response.json()
+        """One process: its /health. Several: meshes connected on all of them."""
+        healths = await self.healths()
+        return {"ok": all(h["ok"] for h in healths), "connected": sum(h["connected"] for h in healths)}
+
+    async def agree(self) -> None:
+        """Wait until every process's view counts every mesh connected anywhere."""
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                healths = await self.healths()
+                total = sum(h["connected"] for h in healths)
+                if all(h["clusterConnected"] == total for h in healths):
+                    return
+                await asyncio.sleep(0.01)
 
     async def wait_connected(self, count: int) -> None:
         async with asyncio.timeout(TIMEOUT):
@@ -457,15 +495,72 @@ async def running(settings: Settings, app: Any = None, prefix: str = "") -> Asyn
     app = app or gw.create_app(settings)
     async with serve(app, settings) as addr:
         async with httpx.AsyncClient(base_url=f"http://{addr}", timeout=TIMEOUT) as http:
-            g = Gw(addr, http, prefix)
+            g = Gw([addr], http, prefix)
             async with g.stack:
                 yield g
 
 
-@pytest.fixture
-async def g(tmp_path: Path) -> AsyncIterator[Gw]:
-    async with running(make_settings(tmp_path)) as g:
-        yield g
+class RedisServer:
+    """A real redis-server on a free loopback port, with an append-only file in `folder`."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> None:
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        args += ["--appendonly", "yes", "--dir", str(self.folder)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                with contextlib.suppress(OSError):
+                    reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                    writer.write(b"PING\r\n")
+                    pong = await reader.readline()
+                    writer.close()
+                    if pong == b"+PONG\r\n":
+                        return
+                await asyncio.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=TIMEOUT)
+
+
+@contextlib.asynccontextmanager
+async def redis_server(folder: Path) -> AsyncIterator[RedisServer]:
+    server = RedisServer(folder)
+    await server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.asynccontextmanager
+async def cluster(tmp_path: Path, size: int = 3, **env: str) -> AsyncIterator[tuple[Gw, RedisServer, list[subprocess.Popen[bytes]]]]:
+    """`size` gateway processes sharing one real redis-server."""
+    async with redis_server(tmp_path) as redis, contextlib.AsyncExitStack() as stack:
+        env = {"REDIS_URL": redis.url, "PRESENCE_TTL_S": "2", "RATE_LIMIT_PER_MIN": "100000"} | env
+        started = await asyncio.gather(*(stack.enter_async_context(process(tmp_path, **env)) for _ in range(size)))
+        async with httpx.AsyncClient(base_url=f"http://{started[0][1]}", timeout=TIMEOUT) as http:
+            g = Gw([addr for _, addr in started], http)
+            async with g.stack:
+                yield g, redis, [proc for proc, _ in started]
+
+
+@pytest.fixture(params=["single", "cluster"])
+async def g(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Gw]:
+    """The same scenarios on one process and on three processes sharing Redis."""
+    if request.param == "single":
+        async with running(make_settings(tmp_path)) as g:
+            yield g
+    else:
+        async with cluster(tmp_path) as (g, _, _):
+            yield g
 
 
 # --- HTTP: /register and /health --------------------------------------------------
@@ -735,12 +830,15 @@ async def test_discovery_and_rooms(g: Gw) -> None:
     a = await g.node("a", publicRooms=["lobby"])
     b = await g.node("b")
     await b.send(type="gateway_update_rooms", publicRooms=["x", "y"])
-    await a.send(type="gateway_discover")
-    result = await a.expect("gateway_discover_result")
-    assert result["instances"] == [
+    wanted = [
         {"meshId": "a", "name": "Mesh a", "publicRooms": ["lobby"]},
         {"meshId": "b", "name": "Mesh b", "publicRooms": ["x", "y"]},
     ]
+    async with asyncio.timeout(TIMEOUT):  # across processes the update takes a moment
+        while sorted(await a.discover(), key=lambda i: i["meshId"]) != wanted:
+            await asyncio.sleep(0.01)
+    instances = await b.discover()
+    assert instances == wanted or (g.cluster and sorted(instances, key=lambda i: i["meshId"]) == wanted)
 
 
 async def test_participants_lifecycle(g: Gw) -> None:

@@ -29,7 +29,7 @@ class Scale:
     measure_s: float = 5.0
     fanout_meshes: int = 100
     fanout_rate: float = 200.0
-    fanout_window: int = 32
+    fanout_window: int = 128
     conns: int = 10_000
     storm: int = 5_000
     register: int = 5_000
