@@ -866,9 +866,11 @@ class RedisBackplane:
     def __init__(self, settings: Settings) -> None:
         import redis.asyncio as redis  # only when REDIS_URL is set
 
-        self.redis = redis.Redis.from_url(
-            settings.redis_url or "", socket_timeout=2, socket_connect_timeout=2, health_check_interval=0
+        # A bounded pool that waits for a free connection rather than failing under bursts.
+        pool = redis.BlockingConnectionPool.from_url(
+            settings.redis_url or "", max_connections=32, timeout=2, socket_timeout=2, socket_connect_timeout=2
         )
+        self.redis = redis.Redis(connection_pool=pool)
         self.errors: tuple[type[Exception], ...] = (redis.RedisError, OSError)
         self.node = os.urandom(6).hex()
         self.healthy = False
@@ -911,6 +913,7 @@ class RedisBackplane:
         try:
             return await command
         except self.errors as exc:
+            log.warning("backplane command failed: %r", exc)
             raise BackplaneUnavailable from exc
 
     async def publish(self, presence: Presence) -> None:

@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -464,9 +465,10 @@ class Gw:
             await self.agree()
         return node
 
-    async def healths(self) -> list[dict[str, Any]]:
+    async def healths(self, *, healthy: bool = True) -> list[dict[str, Any]]:
         responses = [await self.http.get(f"http://{addr}{self.prefix}/health") for addr in self.addrs]
-        assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+        if healthy:
+            assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
         return [r.json() for r in responses]
 
     async def health(self) -> dict[str, Any]:
@@ -478,9 +480,9 @@ class Gw:
         """Wait until every process's view counts every mesh connected anywhere."""
         async with asyncio.timeout(TIMEOUT):
             while True:
-                healths = await self.healths()
+                healths = await self.healths(healthy=False)
                 total = sum(h["connected"] for h in healths)
-                if all(h["clusterConnected"] == total for h in healths):
+                if all(h["ok"] and h["clusterConnected"] == total for h in healths):
                     return
                 await asyncio.sleep(0.01)
 
@@ -1145,3 +1147,167 @@ async def test_registry_survives_sigkill_mid_write(tmp_path: Path) -> None:
                 await asyncio.gather(*tasks, return_exceptions=True)
         meshes = gw.load_registry_file(str(tmp_path / "registry.json"))
         assert acknowledged <= set(meshes)
+
+
+# --- Scale-out: three processes, one Redis ---------------------------------------------
+
+
+async def test_cluster_health_counts(tmp_path: Path) -> None:
+    async with cluster(tmp_path) as (g, _, _):
+        for i in range(3):
+            await g.node(f"m{i}")
+        healths = await g.healths()
+        assert [h["connected"] for h in healths] == [1, 1, 1]
+        assert [h["clusterConnected"] for h in healths] == [3, 3, 3]
+
+
+async def test_killed_process_leaves_no_ghosts(tmp_path: Path) -> None:
+    async with cluster(tmp_path) as (g, _, procs):
+        doomed_addr = g.addrs[2]
+        alice = [{"id": "1", "name": "alice", "type": "user"}]
+        a = await g.node("a", addr=g.addrs[0])
+        b = await g.node("b", addr=g.addrs[1])
+        ghost = await g.node("ghost", participants=alice, addr=doomed_addr)
+        for node in (a, b):
+            assert (await node.expect("gateway_participants"))["remoteParticipants"][0]["meshId"] == "ghost"
+        procs[2].kill()
+        g.addrs.remove(doomed_addr)
+        # within PRESENCE_TTL_S (2 s) plus a sync, the others drop it and its participants
+        for node in (a, b):
+            frame = await node.recv(timeout=6)
+            assert frame["remoteParticipants"] == [{"meshId": "ghost", "meshName": "Mesh ghost", "participants": []}]
+        assert sorted(i["meshId"] for i in await a.discover()) == ["a", "b"]
+        await a.send(type="gateway_relay", targetMeshId="ghost", payload=MESSAGE, id="g")
+        await a.error("target_offline", id="g")
+        await g.agree()
+        # the mesh reconnects through a live process
+        again = await g.node("ghost", addr=g.addrs[0])
+        await b.send(type="gateway_relay", targetMeshId="ghost", payload=MESSAGE, id="back")
+        await again.expect("gateway_incoming", fromMeshId="b")
+        await b.expect("gateway_ack", id="back", delivered=1)
+        del ghost
+
+
+async def test_redis_outage_is_never_silent_and_recovers(tmp_path: Path) -> None:
+    async with cluster(tmp_path) as (g, redis, _):
+        p0, p1 = g.addrs[0], g.addrs[1]
+        a = await g.node("a", addr=p0)
+        a2 = await g.node("a2", addr=p0)
+        b = await g.node("b", addr=p1)
+        redis.stop()
+        async with asyncio.timeout(TIMEOUT):  # every /health turns 503 within a few seconds
+            while True:
+                codes = [(await g.http.get(f"http://{addr}/health")).status_code for addr in g.addrs]
+                if codes == [503] * 3:
+                    break
+                await asyncio.sleep(0.05)
+        # sockets stay open; same-process relay still delivered and acked
+        await a.send(type="gateway_relay", targetMeshId="a2", payload=MESSAGE, id="local")
+        await a2.expect("gateway_incoming", fromMeshId="a")
+        await a.expect("gateway_ack", id="local", delivered=1)
+        # a relay that needs Redis is refused with a reason, never dropped silently
+        await a.send(type="gateway_relay", targetMeshId="b", payload=MESSAGE, id="far")
+        await a.error("backplane_unavailable", id="far")
+        # a broadcast reaches this process's meshes and is answered with the error
+        await a.send(type="gateway_broadcast", payload=MESSAGE, id="all")
+        await a2.expect("gateway_incoming", fromMeshId="a")
+        await a.error("backplane_unavailable", id="all")
+        assert sorted(i["meshId"] for i in await a.discover()) == ["a", "a2"]
+        # no secret can be checked: auth and registration are refused
+        node = await g.connect(addr=p1)
+        await node.send(type="gateway_auth", meshId="a", secret="secret-a")
+        await node.expect("gateway_auth_error", message="Service unavailable")
+        assert (await node.closed()).code == 1013
+        assert (await g.http.post(f"http://{p1}/register", json={"meshId": "n", "secret": "12345678", "name": "N"})).status_code == 503
+        assert (await g.http.request("DELETE", f"http://{p1}/register", json={"meshId": "a", "secret": "secret-a"})).status_code == 503
+        await b.quiet()  # nothing reached b
+        # Redis comes back (its append-only file keeps the registry): routing resumes by itself
+        await redis.start()
+        await g.agree()
+        await a.send(type="gateway_relay", targetMeshId="b", payload=MESSAGE, id="far2")
+        await b.expect("gateway_incoming", fromMeshId="a")
+        await a.expect("gateway_ack", id="far2", delivered=1)
+        c = await g.node("c", addr=g.addrs[2])
+        await c.send(type="gateway_broadcast", payload=MESSAGE, id="all2")
+        for node in (a, a2, b):
+            await node.expect("gateway_incoming", fromMeshId="c")
+        await c.expect("gateway_ack", id="all2", delivered=3)
+
+
+async def test_redis_restarted_empty_gets_presence_back(tmp_path: Path) -> None:
+    async with cluster(tmp_path) as (g, redis, _):
+        a = await g.node("a", addr=g.addrs[0])
+        b = await g.node("b", addr=g.addrs[1])
+        redis.stop()
+        shutil.rmtree(tmp_path / "appendonlydir")
+        await redis.start()  # empty: the processes re-announce their live meshes
+        await g.agree()
+        async with asyncio.timeout(10):
+            while sorted(i["meshId"] for i in await a.discover()) != ["a", "b"]:
+                await asyncio.sleep(0.05)
+        await a.send(type="gateway_relay", targetMeshId="b", payload=MESSAGE, id="x")
+        await b.expect("gateway_incoming", fromMeshId="a")
+        await a.expect("gateway_ack", id="x", delivered=1)
+
+
+async def test_registry_file_is_imported_once(tmp_path: Path) -> None:
+    digest = __import__("hashlib").sha256(b"node-secret-1").hexdigest()
+    entries = [{"meshId": m, "secretHash": digest, "name": m.upper()} for m in ("old1", "old2")]
+    (tmp_path / "registry.json").write_text(json.dumps(entries))
+    async with redis_server(tmp_path) as redis:
+        env = {"REDIS_URL": redis.url}
+        async with process(tmp_path, **env) as (_, p0), process(tmp_path, **env) as (_, p1):
+            async with httpx.AsyncClient(timeout=TIMEOUT) as http:
+                g = Gw([p0, p1], http)
+                async with g.stack:
+                    node = await g.connect(addr=p1)
+                    await node.send(type="gateway_auth", meshId="old1", secret="node-secret-1")
+                    await node.expect("gateway_auth_ok", meshId="old1", name="OLD1")
+                    gone = await http.request("DELETE", f"http://{p0}/register", json={"meshId": "old2", "secret": "node-secret-1"})
+                    assert gone.status_code == 200
+        async with process(tmp_path, **env) as (_, p2):  # a restart must not bring old2 back
+            async with httpx.AsyncClient(timeout=TIMEOUT) as http:
+                g = Gw([p2], http)
+                async with g.stack:
+                    node = await g.connect()
+                    await node.send(type="gateway_auth", meshId="old2", secret="node-secret-1")
+                    await node.expect("gateway_auth_error", message="Invalid credentials")
+
+
+async def test_thousand_meshes_over_three_processes(tmp_path: Path) -> None:
+    """1,000 meshes spread over three processes all see and reach each other."""
+    async with cluster(tmp_path) as (g, _, _):
+        count = 1000
+        ids = [f"k{i}" for i in range(count)]
+        for start in range(0, count, 100):
+            responses = await asyncio.gather(*(g.register(m) for m in ids[start : start + 100]))
+            assert all(r.status_code == 200 for r in responses)
+
+        async def join(mesh_id: str, addr: str) -> Node:
+            node = await g.connect(addr=addr)
+            await node.send(type="gateway_auth", meshId=mesh_id, secret=f"secret-{mesh_id}")
+            await node.expect("gateway_auth_ok", meshId=mesh_id)
+            return node
+
+        nodes: list[Node] = []
+        for start in range(0, count, 100):
+            nodes += await asyncio.gather(*(join(m, g.addrs[i % 3]) for i, m in enumerate(ids[start : start + 100], start)))
+        await g.agree()
+        assert len(await nodes[0].discover()) == count
+        # a ring of relays, each to a mesh on another process
+        await asyncio.gather(*(n.send(type="gateway_relay", targetMeshId=ids[(i + 1) % count], payload=MESSAGE, id=f"r{i}")
+                               for i, n in enumerate(nodes)))
+        async def two(node: Node) -> dict[str, dict[str, Any]]:  # its ack and its incoming, in either order
+            frames = [await node.recv(), await node.recv()]
+            return {f["type"]: f for f in frames}
+
+        received = await asyncio.gather(*(two(n) for n in nodes))
+        assert [r["gateway_incoming"]["fromMeshId"] for r in received] == [ids[(i - 1) % count] for i in range(count)]
+        assert [r["gateway_ack"] for r in received] == [
+            {"type": "gateway_ack", "id": f"r{i}", "delivered": 1} for i in range(count)
+        ]
+        # and one broadcast reaches all 999 others
+        await nodes[0].send(type="gateway_broadcast", payload=MESSAGE, id="all")
+        frames = await asyncio.gather(*(n.expect("gateway_incoming", fromMeshId="k0") for n in nodes[1:]))
+        assert len(frames) == count - 1
+        await nodes[0].expect("gateway_ack", id="all", delivered=count - 1)

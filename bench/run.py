@@ -75,16 +75,19 @@ async def wait_for_quiet(*, limit_pct: float = 15.0, max_wait_s: float = 60.0) -
     """Wait (bounded) until the machine is idle before a measurement; returns the last busy %.
 
     Nothing of ours runs between scenarios, so what is busy now is someone else."""
-    deadline = time.monotonic() + max_wait_s
+    start = time.monotonic()
     while True:
         busy0, t0 = busy_seconds(), time.monotonic()
         await asyncio.sleep(0.5)
         busy = 100 * (busy_seconds() - busy0) / (time.monotonic() - t0)
-        if busy <= limit_pct or time.monotonic() > deadline:
-            if busy > limit_pct:
-                log.warning("machine still busy (%.0f%% of a CPU); measuring anyway", busy)
+        waited = time.monotonic() - start
+        if busy <= limit_pct:
+            if waited > 1:
+                log.info("waited %.0fs for other processes to leave the CPUs", waited)
             return busy
-        log.info("machine busy (%.0f%% of a CPU): waiting for quiet", busy)
+        if waited > max_wait_s:
+            log.warning("machine still busy (%.0f%% of a CPU) after %.0fs; measuring anyway", busy, waited)
+            return busy
 
 
 async def run_one(name: str, spec: ServerSpec, ctx: Context, run: int) -> dict[str, Any]:
@@ -152,27 +155,32 @@ def fmt(s: dict[str, float] | None) -> str:
 
 def table(report: dict[str, Any]) -> str:
     m = report["machine"]
+    ceiling = "ceiling" if report["ws"] == "websockets-sansio" else f"ceiling ({report['ws']})"
     lines = [
         f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['system']}, Python {m['python']}. "
         f"Date: {report['date']}. Commit: `{report['commit']}`. Runs: {report['runs']}, median (min–max).",
         "",
-        "| scenario | metric | gateway | ceiling | gateway/ceiling | server CPU % gw / ceil | loadgen CPU % gw / ceil |",
+        f"| scenario | metric | gateway | {ceiling} | gateway/ceiling | server CPU % gw / ceil | loadgen CPU % gw / ceil |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, headlines in HEADLINES.items():
         entry = report["summary"].get(name)
         if entry is None:
             continue
-        for metric, label, _ in headlines:
+        cpu, load = entry["server_cpu_pct"], entry["loadgen_cpu_pct"]
+        for i, (metric, label, _) in enumerate(headlines):
             e = entry.get(metric, {})
-            cpu, load = entry["server_cpu_pct"], entry["loadgen_cpu_pct"]
             ratio = e.get("ratio")
-            ratio_text = f"{ratio['median']:.2f}" if ratio else "–"
-            lines.append(
-                f"| {name} | {label} | {fmt(e.get('gateway'))} | {fmt(e.get('ceiling'))} "
-                f"| {ratio_text} "
-                f"| {fmt(cpu.get('gateway'))} / {fmt(cpu.get('ceiling'))} | {fmt(load.get('gateway'))} / {fmt(load.get('ceiling'))} |"
-            )
+            cells = [
+                name if i == 0 else "",
+                label,
+                fmt(e.get("gateway")),
+                fmt(e.get("ceiling")),
+                f"{ratio['median']:.2f}" if ratio else "–",
+                f"{fmt(cpu.get('gateway'))} / {fmt(cpu.get('ceiling'))}" if i == 0 else "",
+                f"{fmt(load.get('gateway'))} / {fmt(load.get('ceiling'))}" if i == 0 else "",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -29,12 +29,13 @@ class Scale:
     measure_s: float = 5.0
     fanout_meshes: int = 100
     fanout_rate: float = 200.0
-    fanout_window: int = 128
+    fanout_window: int = 64
     conns: int = 10_000
     storm: int = 5_000
     register: int = 5_000
     register_clients: int = 4
     workers: int = 4  # processes for the connection-heavy scenarios
+    settle_s: float = 1.0  # after 10k connects, before reading RSS
     timeout_s: float = 240.0  # bound on any one wait (connects, storms, registrations)
 
     @property
@@ -46,8 +47,8 @@ class Scale:
 
 FULL = Scale()
 QUICK = Scale(
-    relay_pairs=2, relay_window=8, warmup_s=0.2, measure_s=0.6, fanout_meshes=6, fanout_rate=50.0,
-    fanout_window=4, conns=40, storm=30, register=40, workers=2, timeout_s=30.0,
+    relay_pairs=2, relay_window=8, warmup_s=0.2, measure_s=0.5, fanout_meshes=6, fanout_rate=50.0,
+    fanout_window=4, conns=40, storm=30, register=40, workers=2, settle_s=0.2, timeout_s=30.0,
 )  # fmt: skip
 
 
@@ -213,7 +214,7 @@ async def conns(spec: ServerSpec, ctx: Context) -> Outcome:
         fleet.send("go")
         meter = Meter(server)
         await fleet.expect("done", s.timeout_s)
-        await asyncio.sleep(1.0)  # let the server settle (pending writes, auth bookkeeping)
+        await asyncio.sleep(s.settle_s)  # let the server settle (pending writes, auth bookkeeping)
         rss1 = server.rss()
         health = await server.health() or {}
         meter.stop()
@@ -243,7 +244,8 @@ async def auth_storm(spec: ServerSpec, ctx: Context) -> Outcome:
     ):
         await watcher.start([job("watcher", server, ctx, mesh=mesh_id(s.storm))])
         # The storm runs niced so that the watcher's own process is not what stalls.
-        await storm.start([job("connect", server, ctx, meshes=c, nice=5) for c in chunks(meshes, s.workers)])
+        jobs = [job("connect", server, ctx, meshes=c, nice=5, connect_timeout_s=s.timeout_s) for c in chunks(meshes, s.workers)]
+        await storm.start(jobs)
         watcher.send("go")
         await asyncio.sleep(0.2)  # a baseline of quiet round trips
         storm.send("go")

@@ -8,6 +8,7 @@ a `finally`, whatever happened.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import logging
 import os
@@ -29,6 +30,12 @@ PYTHON = sys.executable
 HOST = "127.0.0.1"
 SERVER_CPU, LOAD_CPU = 0, 1
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM it if the harness itself dies (even by SIGKILL)."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def pinned(cpu: int) -> list[str]:
@@ -134,8 +141,9 @@ class Running:
         self.log_path = self.logdir / f"{self.spec.kind}-{self.port}.log"
         with open(self.log_path, "ab") as out:
             proc = await asyncio.create_subprocess_exec(
-                *argv, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL
-            )
+                *argv, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+            )  # fmt: skip
         self.procs.append(proc)
         log.info("started %s pid %d on port %d (log %s)", self.spec.kind, proc.pid, self.port, self.log_path)
         deadline = time.monotonic() + timeout
@@ -190,6 +198,7 @@ class Worker:
                 *pinned(LOAD_CPU), PYTHON, str(BENCH_DIR / "loadgen.py"),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=err,
                 limit=1 << 28,  # a result line carries the latency samples
+                preexec_fn=_die_with_parent,
             )  # fmt: skip
         worker = cls(proc, name)
         worker.send(json.dumps(job))
