@@ -1087,7 +1087,7 @@ async def process(tmp_path: Path, **env: str) -> AsyncIterator[tuple[subprocess.
 async def test_sigterm_closes_1012_and_exits(tmp_path: Path) -> None:
     async with process(tmp_path) as (proc, addr):
         async with httpx.AsyncClient(base_url=f"http://{addr}") as http:
-            g = Gw(addr, http)
+            g = Gw([addr], http)
             async with g.stack:
                 a = await g.node("a")
                 proc.send_signal(signal.SIGTERM)
