@@ -456,6 +456,11 @@ class TokenBucket:
 class Peer:
     """One WebSocket connection: before auth a stranger, after it one mesh."""
 
+    __slots__ = (
+        "websocket", "mesh_id", "name", "conn", "seq", "participants", "public_rooms", "bucket",
+        "closing", "on_close", "queue", "queued", "limit", "wakeup", "writer",
+    )  # fmt: skip
+
     def __init__(self, websocket: WebSocket, settings: Settings) -> None:
         self.websocket = websocket
         self.mesh_id: str | None = None
@@ -730,12 +735,14 @@ class Hub:
         data = encoder.encode(Participants(remote_participants=[group(presence)]))
         self.fan_out(presence.mesh_id, data.decode(), len(data))
 
-    def close_all(self, code: int, reason: str) -> list[asyncio.Task[None]]:
-        writers = []
+    async def close_all(self, code: int, reason: str) -> None:
+        """Close every socket, wait (briefly) for the closes and the cluster to hear of them."""
+        writers = [peer.writer for peer in self.peers.values()]
         for peer in list(self.peers.values()):
             peer.close(code, reason)
-            writers.append(peer.writer)
-        return writers
+        pending = writers + list(self._tasks)
+        if pending:
+            await asyncio.wait(pending, timeout=2)
 
 
 def group(presence: Presence) -> ParticipantGroup:
@@ -1233,9 +1240,7 @@ class Gateway:
         try:
             yield
         finally:
-            writers = hub.close_all(CLOSE_RESTART, "service restart")
-            if writers:
-                await asyncio.wait(writers, timeout=2)
+            await hub.close_all(CLOSE_RESTART, "service restart")
             await backplane.stop()
             await self._registry.close()
             self._hasher.shutdown(wait=False, cancel_futures=True)
