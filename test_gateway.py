@@ -35,7 +35,7 @@ import gateway as gw
 from gateway import Settings
 
 HERE = Path(__file__).parent
-FIXTURE = HERE.parent / "shared" / "fixtures" / "node-session.jsonl"
+FIXTURE = HERE / "fixtures" / "node-session.jsonl"  # a copy of shared/fixtures: a real session
 TIMEOUT = 5.0
 
 MESSAGE = {
