@@ -1283,6 +1283,9 @@ class Gateway:
             return json_response({"error": exc.message}, exc.status)
         except BackplaneUnavailable:
             return json_response({"error": "backplane unavailable, retry later"}, 503)
+        except OSError as exc:  # the registry file could not be written: nothing was acknowledged
+            log.error("registry write failed: %s", exc)
+            return json_response({"error": "registry could not be saved, retry later"}, 503)
 
     async def _register(self, request: Request) -> Response:
         admin = self._is_admin(request)
@@ -1390,8 +1393,11 @@ class Gateway:
             valid = await self._verify(frame.secret, mesh.secret_hash if mesh else DUMMY_HASH)
             if mesh is not None and valid and is_legacy(mesh.secret_hash):  # the Node gateway's hash: upgrade it now
                 upgraded = Mesh(mesh.mesh_id, mesh.name, await self._hash(frame.secret), mesh.created or time.time())
-                await self.registry.put(upgraded, expect=mesh)
-                log.info("mesh %s: secret hash upgraded", mesh.mesh_id)
+                try:
+                    await self.registry.put(upgraded, expect=mesh)
+                    log.info("mesh %s: secret hash upgraded", mesh.mesh_id)
+                except OSError as exc:  # the old hash still works; the upgrade is retried next auth
+                    log.error("mesh %s: secret hash upgrade not saved: %s", mesh.mesh_id, exc)
         except BackplaneUnavailable:  # no secret can be checked: send the node elsewhere
             peer.send_frame(AuthError(message="Service unavailable"))
             peer.close(CLOSE_TRY_AGAIN, "service unavailable")

@@ -1311,3 +1311,16 @@ async def test_thousand_meshes_over_three_processes(tmp_path: Path) -> None:
         frames = await asyncio.gather(*(n.expect("gateway_incoming", fromMeshId="k0") for n in nodes[1:]))
         assert len(frames) == count - 1
         await nodes[0].expect("gateway_ack", id="all", delivered=count - 1)
+
+
+async def test_unwritable_registry_answers_503(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with running(make_settings(tmp_path)) as g:
+        assert (await g.register("ok")).status_code == 200
+
+        def disk_full(path: str, data: bytes) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(gw, "write_atomically", disk_full)
+        failed = await g.register("lost")
+        assert (failed.status_code, failed.json()) == (503, {"error": "registry could not be saved, retry later"})
+    assert set(gw.load_registry_file(str(tmp_path / "registry.json"))) == {"ok"}
