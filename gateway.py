@@ -344,21 +344,22 @@ def load_registry_file(path: str) -> dict[str, Mesh]:
             data = file.read()
     except FileNotFoundError:
         return {}
-    raw = msgspec.json.decode(data) if data.strip() else []
-    if isinstance(raw, dict):
-        raw = [{"meshId": key, **value} for key, value in raw.items()]
-    return {mesh.mesh_id: mesh for mesh in msgspec.convert(raw, list[Mesh])}
+    try:
+        raw = msgspec.json.decode(data) if data.strip() else []
+        if isinstance(raw, dict):
+            raw = [{"meshId": key, **value} for key, value in raw.items()]
+        return {mesh.mesh_id: mesh for mesh in msgspec.convert(raw, list[Mesh])}
+    except (msgspec.DecodeError, TypeError) as exc:  # refuse to start rather than overwrite it
+        raise RuntimeError(f"registry file {path} is unreadable ({exc}): fix it or move it away") from None
 
 
 def write_atomically(path: str, data: bytes) -> None:
     """Temp file, fsync, rename, fsync the folder: a crash leaves the old file or the new one."""
     temp = f"{path}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with open(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
     os.replace(temp, path)
     folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:

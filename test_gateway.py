@@ -1324,3 +1324,11 @@ async def test_unwritable_registry_answers_503(tmp_path: Path, monkeypatch: pyte
         failed = await g.register("lost")
         assert (failed.status_code, failed.json()) == (503, {"error": "registry could not be saved, retry later"})
     assert set(gw.load_registry_file(str(tmp_path / "registry.json"))) == {"ok"}
+
+
+def test_unreadable_registry_file_is_never_overwritten(tmp_path: Path) -> None:
+    path = tmp_path / "registry.json"
+    path.write_text('[{"meshId": "a", "secretHash": ')
+    with pytest.raises(RuntimeError, match="unreadable"):
+        gw.FileRegistry(str(path))
+    assert path.read_text() == '[{"meshId": "a", "secretHash": '
