@@ -24,7 +24,7 @@ import re
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, Literal, Protocol
 
@@ -607,9 +607,7 @@ class Hub:
         del self.meshes[peer.mesh_id]
         if presence.participants:
             self._announce(msgspec.structs.replace(presence, participants=[]))
-        task = asyncio.create_task(self._withdraw(presence))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._withdraw(presence))
 
     async def set_participants(self, peer: Peer, participants: list[Participant]) -> None:
         peer.participants = participants
@@ -627,6 +625,12 @@ class Hub:
             await self.backplane.publish(presence)
         except BackplaneUnavailable:
             log.warning("mesh %s: backplane down, announced on this process only", presence.mesh_id)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run a backplane update without holding up the caller (kept until done)."""
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _withdraw(self, presence: Presence) -> None:
         try:
@@ -726,10 +730,8 @@ class Hub:
             peer.close(CLOSE_UNREGISTERED, "unregistered")
         elif name is not None:
             peer.name = name
-            presence = self.meshes[mesh_id] = peer.presence(self.node)
-            task = asyncio.create_task(self._publish(presence))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self.meshes[mesh_id] = peer.presence(self.node)
+            self._spawn(self._publish(self.meshes[mesh_id]))
 
     def _announce(self, presence: Presence) -> None:
         """Send a mesh's participant group to every other mesh on this process."""
