@@ -1332,3 +1332,17 @@ def test_unreadable_registry_file_is_never_overwritten(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="unreadable"):
         gw.FileRegistry(str(path))
     assert path.read_text() == '[{"meshId": "a", "secretHash": '
+
+
+async def test_rename_reaches_the_live_socket(g: Gw) -> None:
+    a, b = await g.node("a"), await g.node("b")
+    renamed = await g.register("a", name="Renamed A")
+    assert renamed.json() == {"ok": True, "created": False}
+    async with asyncio.timeout(TIMEOUT):  # on another process the rename arrives over Redis
+        while True:
+            await a.send(type="gateway_relay", targetMeshId="b", payload={"type": "hi"})
+            if (await b.expect("gateway_incoming"))["fromMeshName"] == "Renamed A":
+                break
+    async with asyncio.timeout(TIMEOUT):
+        while {"meshId": "a", "name": "Renamed A", "publicRooms": []} not in await b.discover():
+            await asyncio.sleep(0.01)
