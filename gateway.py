@@ -19,13 +19,14 @@ import hashlib
 import hmac
 import logging
 import math
+import multiprocessing
 import os
 import re
 import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from typing import Annotated, Any, Literal, Protocol
 
 import msgspec
@@ -323,6 +324,73 @@ def is_legacy(secret_hash: str) -> bool:
 
 # Checked when a mesh is unknown, so a wrong id costs as long as a wrong secret.
 DUMMY_HASH = hash_secret("not-a-real-secret")
+
+
+def hash_batch(jobs: list[tuple[str, str | None]]) -> list[str | bool]:
+    """In a worker process: hash each secret (no stored hash given) or verify it."""
+    return [hash_secret(secret) if stored is None else verify_secret(secret, stored) for secret, stored in jobs]
+
+
+def lower_priority() -> None:
+    os.nice(10)  # the event loop goes first: hashing takes the CPU it leaves
+
+
+class Hasher:
+    """Hashes and checks secrets in worker processes, in batches, at low priority.
+
+    Off the event loop so one auth never stalls other meshes. Processes, not
+    threads: on a busy core, hashing threads take CPU and GIL turns from the
+    loop for every secret; a batch of secrets costs the loop one hand-off.
+    """
+
+    BATCH = 64
+
+    def __init__(self, workers: int = 2) -> None:
+        context = multiprocessing.get_context("spawn")  # never fork a running event loop
+        self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=lower_priority)
+        self.pending: deque[tuple[str, str | None, asyncio.Future[Any]]] = deque()
+        self.wakeup = asyncio.Event()
+        self.runners = [asyncio.create_task(self._run()) for _ in range(workers)]
+
+    async def start(self) -> None:
+        await self.verify("warm-up", DUMMY_HASH)  # start the workers now, not on the first auth
+
+    async def hash(self, secret: str) -> str:
+        return await self._submit(secret, None)
+
+    async def verify(self, secret: str, secret_hash: str) -> bool:
+        return await self._submit(secret, secret_hash)
+
+    async def close(self) -> None:
+        for runner in self.runners:
+            runner.cancel()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _submit(self, secret: str, stored: str | None) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append((secret, stored, future))
+        self.wakeup.set()
+        return await future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.pending:
+                self.wakeup.clear()
+                await self.wakeup.wait()
+                continue
+            batch = [self.pending.popleft() for _ in range(min(self.BATCH, len(self.pending)))]
+            try:
+                results = await loop.run_in_executor(self.pool, hash_batch, [(s, h) for s, h, _ in batch])
+            except Exception as exc:  # a broken pool: fail these callers, never hang them
+                log.error("secret hashing failed: %r", exc)
+                for *_, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (*_, future), result in zip(batch, results):
+                if not future.done():
+                    future.set_result(result)
 
 
 class Registry(Protocol):
@@ -1223,7 +1291,7 @@ class Gateway:
         ]
         self._hub: Hub | None = None
         self._registry: Registry | None = None
-        self._hasher: ThreadPoolExecutor | None = None
+        self._hasher: Hasher | None = None
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: object = None) -> AsyncIterator[None]:
@@ -1236,8 +1304,8 @@ class Gateway:
             backplane = MemoryBackplane()
             self._registry = FileRegistry(self.settings.registry_path)
         hub = self._hub = Hub(self.settings, backplane)
-        # Hashing releases the GIL: two threads keep auth bursts off the event loop.
-        self._hasher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mesh-hash")
+        self._hasher = Hasher()
+        await self._hasher.start()
         await backplane.start(hub)
         log.info("gateway ready (%s)", "Redis backplane" if self.settings.redis_url else self.settings.registry_path)
         try:
@@ -1246,7 +1314,7 @@ class Gateway:
             await hub.close_all(CLOSE_RESTART, "service restart")
             await backplane.stop()
             await self._registry.close()
-            self._hasher.shutdown(wait=False, cancel_futures=True)
+            await self._hasher.close()
             self._hub = self._registry = self._hasher = None
             log.info("gateway stopped")
 
@@ -1263,10 +1331,12 @@ class Gateway:
         return self._registry
 
     async def _hash(self, secret: str) -> str:
-        return await asyncio.get_running_loop().run_in_executor(self._hasher, hash_secret, secret)
+        assert self._hasher is not None
+        return await self._hasher.hash(secret)
 
     async def _verify(self, secret: str, secret_hash: str) -> bool:
-        return await asyncio.get_running_loop().run_in_executor(self._hasher, verify_secret, secret, secret_hash)
+        assert self._hasher is not None
+        return await self._hasher.verify(secret, secret_hash)
 
     def _is_admin(self, request: Request) -> bool:
         token = self.settings.gateway_admin_token
