@@ -27,10 +27,10 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from concurrent.futures import ProcessPoolExecutor
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Generic, Literal, Protocol, TypeVar
 
 import msgspec
-from msgspec import Meta, Struct
+from msgspec import UNSET, Meta, Struct, UnsetType
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -121,14 +121,18 @@ class Discover(Frame, tag="gateway_discover"):
     pass
 
 
-class Relay(Frame, tag="gateway_relay"):
+# The payload type depends on PAYLOAD_POLICY: `MeshPayload` or any JSON object.
+P = TypeVar("P")
+
+
+class Relay(Frame, Generic[P], tag="gateway_relay"):
     target_mesh_id: str
-    payload: dict[str, Any]
+    payload: P
     id: FrameId | None = None
 
 
-class Broadcast(Frame, tag="gateway_broadcast"):
-    payload: dict[str, Any]
+class Broadcast(Frame, Generic[P], tag="gateway_broadcast"):
+    payload: P
     id: FrameId | None = None
 
 
@@ -140,8 +144,29 @@ class UpdateRooms(Frame, tag="gateway_update_rooms"):
     public_rooms: list[str]
 
 
-ClientFrame = Auth | Discover | Relay | Broadcast | UpdateParticipants | UpdateRooms
-CLIENT_TAGS = frozenset(cls.__struct_config__.tag for cls in ClientFrame.__args__)
+class ChatMessage(Struct, omit_defaults=True):
+    """PAYLOAD_POLICY=mesh: decoding into this struct *is* the whitelist (other keys are dropped)."""
+
+    id: Any = UNSET
+    roomId: Any = UNSET
+    senderId: Any = UNSET
+    senderName: Any = UNSET
+    content: Any = UNSET
+    isDm: Any = UNSET
+    createdAt: Any = UNSET
+    fromMesh: Any = UNSET
+    fromMeshId: Any = UNSET
+    roomName: Any = UNSET
+    trustLevel: Any = UNSET  # always rewritten to "federated"
+
+
+class MeshPayload(Struct, omit_defaults=True):
+    type: Any = UNSET
+    message: ChatMessage | list[Any] | str | int | float | bool | None | UnsetType = UNSET
+
+
+ClientFrame = Auth | Discover | Relay[Any] | Broadcast[Any] | UpdateParticipants | UpdateRooms
+CLIENT_TAGS = frozenset(cls.__struct_config__.tag for cls in (Auth, Discover, Relay, Broadcast, UpdateParticipants, UpdateRooms))
 
 
 class AuthOk(Frame, tag="gateway_auth_ok"):
@@ -166,7 +191,7 @@ class DiscoverResult(Frame, tag="gateway_discover_result"):
 class Incoming(Frame, tag="gateway_incoming"):
     from_mesh_id: str
     from_mesh_name: str
-    payload: dict[str, Any]
+    payload: Any
 
 
 class ParticipantGroup(Struct, rename="camel"):
@@ -199,7 +224,14 @@ class FrameHead(Struct):
     id: Any = None
 
 
-frame_decoder = msgspec.json.Decoder(ClientFrame)
+FRAME_DECODERS = {  # one per payload policy, built once
+    "mesh": msgspec.json.Decoder(
+        Auth | Discover | Relay[MeshPayload] | Broadcast[MeshPayload] | UpdateParticipants | UpdateRooms
+    ),
+    "passthrough": msgspec.json.Decoder(
+        Auth | Discover | Relay[dict[str, Any]] | Broadcast[dict[str, Any]] | UpdateParticipants | UpdateRooms
+    ),
+}
 head_decoder = msgspec.json.Decoder(FrameHead)
 encoder = msgspec.json.Encoder()
 
@@ -222,29 +254,18 @@ CLOSE_TRY_AGAIN = 1013  # send buffer full, or backplane down during auth
 CLOSE_REPLACED = 4000  # a newer connection authenticated as this mesh
 CLOSE_UNREGISTERED = 4001  # the mesh was deleted
 
-# Payload policy "mesh": a whitelist of what a federated chat message may carry.
-PAYLOAD_KEYS = frozenset({"type", "message"})
-MESSAGE_KEYS = frozenset(
-    {"id", "roomId", "senderId", "senderName", "content", "isDm", "createdAt", "fromMesh", "fromMeshId", "roomName"}
-)
-
-
-def sanitize(payload: dict[str, Any]) -> dict[str, Any]:
-    """Keep only whitelisted keys; a relayed message is never trusted as local."""
-    clean = {key: value for key, value in payload.items() if key in PAYLOAD_KEYS}
-    message = clean.get("message")
-    if isinstance(message, dict):
-        message = {key: value for key, value in message.items() if key in MESSAGE_KEYS}
-        message["trustLevel"] = "federated"
-        clean["message"] = message
-    return clean
+def federate(payload: Any) -> Any:
+    """A relayed chat message is never trusted as local on the receiving mesh."""
+    if isinstance(payload, MeshPayload) and isinstance(payload.message, ChatMessage):
+        payload.message.trustLevel = "federated"
+    return payload
 
 
 def utf8_size(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode())
 
 
-def decode_frame(data: str | bytes) -> ClientFrame | Error:
+def decode_frame(data: str | bytes, decoder: msgspec.json.Decoder[Any] = FRAME_DECODERS["mesh"]) -> ClientFrame | Error:
     """One message off the socket: a typed frame, or the error frame that answers it."""
     if isinstance(data, bytes):  # binary frames must hold UTF-8 JSON too
         try:
@@ -252,7 +273,7 @@ def decode_frame(data: str | bytes) -> ClientFrame | Error:
         except UnicodeDecodeError as exc:
             return Error(message=f"invalid JSON: binary frame is not UTF-8 ({exc.reason})", code=INVALID_JSON)
     try:
-        return frame_decoder.decode(data)
+        return decoder.decode(data)
     except msgspec.DecodeError as exc:
         return decode_error(data, exc)
 
@@ -634,7 +655,6 @@ class Hub:
         self.node = backplane.node
         self.peers: dict[str, Peer] = {}
         self.meshes: dict[str, Presence] = {}
-        self.sanitize = sanitize if settings.payload_policy == "mesh" else None
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -708,12 +728,11 @@ class Hub:
 
     # --- relaying ---
 
-    def incoming(self, sender: Peer, payload: dict[str, Any]) -> bytes:
-        if self.sanitize is not None:
-            payload = self.sanitize(payload)
+    def incoming(self, sender: Peer, payload: Any) -> bytes:
+        payload = federate(payload)
         return encoder.encode(Incoming(from_mesh_id=sender.mesh_id or "", from_mesh_name=sender.name, payload=payload))
 
-    async def relay(self, sender: Peer, target: str, payload: dict[str, Any]) -> bool:
+    async def relay(self, sender: Peer, target: str, payload: Any) -> bool:
         """Deliver to one mesh, here or on its process; False if it is connected nowhere."""
         peer = self.peers.get(target)
         if peer is not None:
@@ -726,7 +745,7 @@ class Hub:
             return False
         return await self.backplane.relay(presence.node, target, self.incoming(sender, payload))
 
-    async def broadcast(self, sender: Peer, payload: dict[str, Any]) -> int:
+    async def broadcast(self, sender: Peer, payload: Any) -> int:
         """Encode once; deliver here, publish once for the other processes.
         Returns the meshes connected cluster-wide, less the sender."""
         data = self.incoming(sender, payload)
@@ -1284,6 +1303,7 @@ class Gateway:
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings.from_env()
+        self.decoder = FRAME_DECODERS[self.settings.payload_policy]
         self.routes: list[BaseRoute] = [
             Route("/register", self.register, methods=["POST", "DELETE"]),
             Route("/health", self.health, methods=["GET"]),
@@ -1448,7 +1468,7 @@ class Gateway:
             message = f"frame of {size} bytes exceeds MAX_FRAME_BYTES={self.settings.max_frame_bytes}"
             peer.send_frame(Error(message=message, code=FRAME_TOO_LARGE, id=frame_id_of(read_head(data))))
             return
-        frame = decode_frame(data)
+        frame = decode_frame(data, self.decoder)
         if isinstance(frame, Error):
             peer.send_frame(frame)
         elif peer.mesh_id is not None:

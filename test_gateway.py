@@ -94,14 +94,16 @@ def test_settings_reject_bad_values(env: dict[str, str], needle: str) -> None:
 
 
 def test_client_frames_decode_to_structs() -> None:
-    frame = gw.frame_decoder.decode(
+    frame = gw.FRAME_DECODERS["passthrough"].decode(
         b'{"type":"gateway_auth","meshId":"a","secret":"s","participants":[{"id":"1","name":"x","type":"user"}],"future":1}'
     )
     assert frame == gw.Auth(mesh_id="a", secret="s", participants=[gw.Participant("1", "x", "user")])
-    assert gw.frame_decoder.decode('{"type":"gateway_discover"}') == gw.Discover()
-    relay = gw.frame_decoder.decode('{"type":"gateway_relay","targetMeshId":"b","payload":{"k":1},"id":"7"}')
+    assert gw.FRAME_DECODERS["passthrough"].decode('{"type":"gateway_discover"}') == gw.Discover()
+    relay = gw.FRAME_DECODERS["passthrough"].decode('{"type":"gateway_relay","targetMeshId":"b","payload":{"k":1},"id":"7"}')
     assert relay == gw.Relay(target_mesh_id="b", payload={"k": 1}, id="7")
-    assert gw.frame_decoder.decode('{"type":"gateway_update_rooms","publicRooms":["x"]}') == gw.UpdateRooms(["x"])
+    relay = gw.FRAME_DECODERS["mesh"].decode('{"type":"gateway_relay","targetMeshId":"b","payload":{"k":1,"type":"t"}}')
+    assert relay == gw.Relay(target_mesh_id="b", payload=gw.MeshPayload(type="t"))
+    assert gw.FRAME_DECODERS["passthrough"].decode('{"type":"gateway_update_rooms","publicRooms":["x"]}') == gw.UpdateRooms(["x"])
 
 
 def test_server_frames_encode_wire_names() -> None:
@@ -161,14 +163,38 @@ def test_decode_error_carries_valid_id_only() -> None:
     assert isinstance(error, gw.Error) and error.id is None
 
 
-def test_sanitize_keeps_whitelist_and_forces_federated() -> None:
-    clean = gw.sanitize(MESSAGE)
-    assert set(clean) == {"type", "message"}
-    assert clean["message"]["trustLevel"] == "federated"
-    assert "secretField" not in clean["message"]
-    assert clean["message"]["content"] == "hello"
-    assert gw.sanitize({"type": "x", "message": "plain"}) == {"type": "x", "message": "plain"}
-    assert gw.sanitize({"type": "x", "message": {}})["message"] == {"trustLevel": "federated"}
+SANITIZED = {
+    "type": "new_message",
+    "message": {
+        "id": "m1",
+        "roomId": "r1",
+        "senderId": "u1",
+        "senderName": "alice",
+        "content": "hello",
+        "isDm": False,
+        "createdAt": "2026-11-28T00:00:00.000Z",
+        "roomName": "general",
+        "trustLevel": "federated",
+    },
+}
+
+
+def mesh_payload(payload: Any) -> gw.MeshPayload:
+    """`payload` as the gateway decodes it under the default policy."""
+    return gw.FRAME_DECODERS["mesh"].decode(json.dumps({"type": "gateway_broadcast", "payload": payload})).payload
+
+
+def mesh_policy(payload: Any) -> Any:
+    return json.loads(gw.encoder.encode(gw.federate(mesh_payload(payload))))
+
+
+def test_mesh_policy_keeps_whitelist_and_forces_federated() -> None:
+    assert mesh_policy(MESSAGE) == SANITIZED
+    assert mesh_policy({"type": "x", "message": "plain"}) == {"type": "x", "message": "plain"}
+    assert mesh_policy({"type": "x", "message": {}}) == {"type": "x", "message": {"trustLevel": "federated"}}
+    assert mesh_policy({"other": 1}) == {}
+    nested = {"message": {"content": {"rich": [1, {"b": None}]}, "trustLevel": "admin"}}
+    assert mesh_policy(nested) == {"message": {"content": {"rich": [1, {"b": None}]}, "trustLevel": "federated"}}
 
 
 def test_token_bucket_bursts_then_limits() -> None:
@@ -265,7 +291,7 @@ async def test_dispatch_relay_ack_and_offline() -> None:
     hub = gw.Hub(Settings(), gw.MemoryBackplane())
     a, sock_a = await make_peer(hub, "a")
     b, sock_b = await make_peer(hub, "b")
-    await gw.dispatch(a, gw.Relay(target_mesh_id="b", payload=MESSAGE, id="1"), hub)
+    await gw.dispatch(a, gw.Relay(target_mesh_id="b", payload=mesh_payload(MESSAGE), id="1"), hub)
     incoming = await sock_b.next()
     assert incoming["type"] == "gateway_incoming" and incoming["fromMeshName"] == "A"
     assert incoming["payload"]["message"]["trustLevel"] == "federated"
@@ -287,7 +313,7 @@ async def test_dispatch_broadcast_encodes_once(monkeypatch: pytest.MonkeyPatch) 
             return msgspec.json.encode(obj)
 
     monkeypatch.setattr(gw, "encoder", Counting())
-    await gw.dispatch(sender, gw.Broadcast(payload=MESSAGE, id="b1"), hub)
+    await gw.dispatch(sender, gw.Broadcast(payload=mesh_payload(MESSAGE), id="b1"), hub)
     assert encoded.count(gw.Incoming) == 1
     texts = [await s.next() for _, s in receivers]
     assert all(t == texts[0] for t in texts)
@@ -795,7 +821,7 @@ async def test_relay_delivers_sanitized_with_registered_name(g: Gw) -> None:
     a, b = await g.node("a"), await g.node("b")
     await a.send(type="gateway_relay", targetMeshId="b", payload=MESSAGE)
     incoming = await b.expect("gateway_incoming", fromMeshId="a", fromMeshName="Mesh a")
-    assert incoming["payload"] == gw.sanitize(MESSAGE)
+    assert incoming["payload"] == SANITIZED
     await a.send(type="gateway_relay", targetMeshId="b", payload=MESSAGE, id="x")
     await b.expect("gateway_incoming")
     await a.expect("gateway_ack", id="x", delivered=1)
