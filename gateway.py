@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import re
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
@@ -352,8 +353,17 @@ def hash_batch(jobs: list[tuple[str, str | None]]) -> list[str | bool]:
     return [hash_secret(secret) if stored is None else verify_secret(secret, stored) for secret, stored in jobs]
 
 
-def lower_priority() -> None:
-    os.nice(10)  # the event loop goes first: hashing takes the CPU it leaves
+def start_worker(parent: int) -> None:
+    """A hashing process: lower priority (the event loop goes first), and it exits
+    with its gateway, even one killed with SIGKILL."""
+    os.nice(10)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 class Hasher:
@@ -368,7 +378,7 @@ class Hasher:
 
     def __init__(self, workers: int = 2) -> None:
         context = multiprocessing.get_context("spawn")  # never fork a running event loop
-        self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=lower_priority)
+        self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=start_worker, initargs=(os.getpid(),))
         self.pending: deque[tuple[str, str | None, asyncio.Future[Any]]] = deque()
         self.wakeup = asyncio.Event()
         self.runners = [asyncio.create_task(self._run()) for _ in range(workers)]

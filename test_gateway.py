@@ -1372,3 +1372,16 @@ async def test_rename_reaches_the_live_socket(g: Gw) -> None:
     async with asyncio.timeout(TIMEOUT):
         while {"meshId": "a", "name": "Renamed A", "publicRooms": []} not in await b.discover():
             await asyncio.sleep(0.01)
+
+
+async def test_hashing_workers_exit_with_a_killed_gateway(tmp_path: Path) -> None:
+    async with process(tmp_path) as (proc, _):
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        if not children.exists():
+            pytest.skip("no /proc children list on this system")
+        workers = [int(pid) for pid in children.read_text().split()]
+        assert workers  # the hashing processes (and multiprocessing's tracker)
+        proc.kill()
+    async with asyncio.timeout(TIMEOUT):
+        while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2] for pid in workers):
+            await asyncio.sleep(0.1)
