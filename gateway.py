@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from typing import Annotated, Any, Generic, Literal, Protocol, TypeVar
 
@@ -36,7 +36,6 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
-from starlette.websockets import WebSocket, WebSocketDisconnect
 
 log = logging.getLogger("mesh_gateway")
 
@@ -553,16 +552,26 @@ class TokenBucket:
         return math.ceil((1.0 - self.tokens) / self.per_second * 1000)
 
 
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+
+
 class Peer:
-    """One WebSocket connection: before auth a stranger, after it one mesh."""
+    """One WebSocket connection: before auth a stranger, after it one mesh.
+
+    Frames for it wait in `outbox` (bounded by bytes) until its one writer task
+    hands them to the server; whoever queues a frame never waits for the socket.
+    The writer runs only while there is something to send, so an idle
+    connection costs no task.
+    """
 
     __slots__ = (
-        "websocket", "mesh_id", "name", "conn", "seq", "participants", "public_rooms", "bucket",
-        "closing", "on_close", "queue", "queued", "limit", "wakeup", "writer",
+        "send_asgi", "mesh_id", "name", "conn", "seq", "participants", "public_rooms", "bucket", "on_close",
+        "outbox", "queued", "limit", "closing", "goodbye", "dropping", "writer",
     )  # fmt: skip
 
-    def __init__(self, websocket: WebSocket, settings: Settings) -> None:
-        self.websocket = websocket
+    def __init__(self, send: Send, settings: Settings) -> None:
+        self.send_asgi = send
         self.mesh_id: str | None = None
         self.name = ""
         self.conn = os.urandom(8).hex()
@@ -570,13 +579,14 @@ class Peer:
         self.participants: list[Participant] = []
         self.public_rooms: list[str] = []
         self.bucket = TokenBucket(settings.rate_limit_per_min)
-        self.closing = False
         self.on_close: Callable[[Peer], None] | None = None  # set by the hub that holds this peer
-        self.queue: deque[str | Close] = deque()
-        self.queued = 0  # bytes waiting in `queue`
+        self.outbox: list[str] = []  # a list, swapped out whole by the writer: cheaper than a deque
+        self.queued = 0  # bytes queued and not yet handed to the server
         self.limit = max(settings.send_buffer_bytes - TRANSPORT_HIGH_WATER, settings.send_buffer_bytes // 2)
-        self.wakeup = asyncio.Event()
-        self.writer = asyncio.create_task(self._write_loop())
+        self.closing = False
+        self.goodbye: Close | None = None  # sent once the outbox is empty
+        self.dropping = False  # cut off: what is still queued is dropped, not sent
+        self.writer: asyncio.Task[None] | None = None
 
     def send(self, text: str, size: int) -> bool:
         """Queue one text frame of `size` bytes; a peer that stops reading is cut off, not waited for."""
@@ -586,9 +596,9 @@ class Peer:
             log.warning("mesh %s: send buffer full, closing", self.mesh_id)
             self.close(CLOSE_TRY_AGAIN, "send buffer full", flush=False)
             return False
-        self.queue.append(text)
+        self.outbox.append(text)
         self.queued += size
-        self.wakeup.set()
+        self._wake()
         return True
 
     def send_frame(self, frame: Frame) -> bool:
@@ -600,11 +610,12 @@ class Peer:
         if self.closing:
             return
         self.closing = True
+        self.goodbye = Close(code, reason)
         if not flush:
-            self.queue.clear()
+            self.dropping = True
+            self.outbox = []
             self.queued = 0
-        self.queue.append(Close(code, reason))
-        self.wakeup.set()
+        self._wake()
         if self.on_close is not None:
             self.on_close(self)
 
@@ -619,23 +630,27 @@ class Peer:
             participants=self.participants,
         )
 
-    async def _write_loop(self) -> None:
-        send = self.websocket.send
-        queue = self.queue
+    def _wake(self) -> None:
+        if self.writer is None:
+            self.writer = asyncio.create_task(self._write())
+
+    async def _write(self) -> None:
+        """Send until the outbox is empty (then the close, if one was asked for), and end."""
+        send = self.send_asgi
         try:
-            while True:
-                if not queue:
-                    self.wakeup.clear()
-                    await self.wakeup.wait()
-                    continue
-                item = queue.popleft()
-                if isinstance(item, Close):
-                    await self.websocket.close(item.code, item.reason)
-                    return
-                await send({"type": "websocket.send", "text": item})
-                self.queued -= utf8_size(item)
-        except WebSocketDisconnect:
-            return  # the reader sees the disconnect and tears the peer down
+            while self.outbox:
+                batch, self.outbox = self.outbox, []
+                for text in batch:
+                    if self.dropping:
+                        break
+                    await send({"type": "websocket.send", "text": text})  # waits while the socket is full
+                    self.queued -= utf8_size(text)
+            if self.goodbye is not None:
+                await send({"type": "websocket.close", "code": self.goodbye.code, "reason": self.goodbye.reason})
+        except OSError:
+            pass  # the client is gone: the reader sees the disconnect and tears the peer down
+        finally:
+            self.writer = None
 
 
 class BackplaneUnavailable(Exception):
@@ -837,10 +852,10 @@ class Hub:
 
     async def close_all(self, code: int, reason: str) -> None:
         """Close every socket, wait (briefly) for the closes and the cluster to hear of them."""
-        writers = [peer.writer for peer in self.peers.values()]
-        for peer in list(self.peers.values()):
+        peers = list(self.peers.values())
+        for peer in peers:
             peer.close(code, reason)
-        pending = writers + list(self._tasks)
+        pending = [peer.writer for peer in peers if peer.writer is not None] + list(self._tasks)
         if pending:
             await asyncio.wait(pending, timeout=2)
 
@@ -1308,6 +1323,18 @@ async def read_json(request: Request, kind: type[Struct]) -> Any:
 # --- Assembly ---------------------------------------------------------------
 
 
+class AsgiEndpoint:
+    """Makes Starlette route to `endpoint` as a plain ASGI app (it wraps functions and methods)."""
+
+    __slots__ = ("endpoint",)
+
+    def __init__(self, endpoint: Callable[[dict[str, Any], Receive, Send], Awaitable[None]]) -> None:
+        self.endpoint = endpoint
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        await self.endpoint(scope, receive, send)
+
+
 class Gateway:
     """The gateway's routes and lifespan, for `create_app` or a host app to mount."""
 
@@ -1317,7 +1344,7 @@ class Gateway:
         self.routes: list[BaseRoute] = [
             Route("/register", self.register, methods=["POST", "DELETE"]),
             Route("/health", self.health, methods=["GET"]),
-            WebSocketRoute("/gateway", self.gateway_ws),
+            WebSocketRoute("/gateway", AsgiEndpoint(self.gateway_ws)),
         ]
         self._hub: Hub | None = None
         self._registry: Registry | None = None
@@ -1443,29 +1470,34 @@ class Gateway:
 
     # --- Endpoints: WebSocket ---
 
-    async def gateway_ws(self, websocket: WebSocket) -> None:
+    async def gateway_ws(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        """A raw ASGI endpoint: the relay path skips Starlette's WebSocket wrapper."""
         hub = self.hub
-        await websocket.accept()
-        peer = Peer(websocket, self.settings)
+        if (await receive())["type"] != "websocket.connect":
+            return
+        await send({"type": "websocket.accept"})
+        peer = Peer(send, self.settings)
         deadline = asyncio.get_running_loop().call_later(self.settings.auth_timeout_s, self._auth_timeout, peer)
         try:
             while True:
-                message = await websocket.receive()
-                if message["type"] == "websocket.disconnect":
+                message = await receive()
+                if message["type"] != "websocket.receive":  # websocket.disconnect
                     return
                 if peer.closing:
                     continue
                 data = message.get("text")
-                await self._handle(peer, data if data is not None else message.get("bytes", b""), hub)
+                await self._handle(peer, data if data is not None else message.get("bytes") or b"", hub)
                 if peer.mesh_id is not None:
                     deadline.cancel()
         except Exception:
             log.exception("mesh %s: connection failed", peer.mesh_id)
             peer.close(CLOSE_INTERNAL, "internal error")
-            await asyncio.wait([peer.writer], timeout=2)
+            if peer.writer is not None:
+                await asyncio.wait([peer.writer], timeout=2)
         finally:
             deadline.cancel()
-            peer.writer.cancel()
+            if peer.writer is not None:
+                peer.writer.cancel()
             hub.forget(peer)
 
     async def _handle(self, peer: Peer, data: str | bytes, hub: Hub) -> None:

@@ -262,16 +262,16 @@ def test_registry_loads_node_gateway_formats(tmp_path: Path) -> None:
 
 
 class FakeSocket:
-    """Collects what a Peer's writer sends."""
+    """An ASGI `send` that collects what a Peer's writer sends."""
 
     def __init__(self) -> None:
         self.sent: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
-    async def send(self, message: dict[str, Any]) -> None:
-        await self.sent.put(json.loads(message["text"]))
-
-    async def close(self, code: int, reason: str = "") -> None:
-        await self.sent.put({"closed": code, "reason": reason})
+    async def __call__(self, message: dict[str, Any]) -> None:
+        if message["type"] == "websocket.close":
+            await self.sent.put({"closed": message["code"], "reason": message["reason"]})
+        else:
+            await self.sent.put(json.loads(message["text"]))
 
     async def next(self) -> dict[str, Any]:
         async with asyncio.timeout(TIMEOUT):
@@ -347,7 +347,7 @@ async def test_slow_peer_is_cut_off_at_its_buffer() -> None:
     blocked = asyncio.Event()
 
     class Stalled(FakeSocket):
-        async def send(self, message: dict[str, Any]) -> None:
+        async def __call__(self, message: dict[str, Any]) -> None:
             await blocked.wait()  # never set: the peer never reads
 
     sender, _ = await make_peer(hub, "s")
