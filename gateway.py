@@ -307,7 +307,7 @@ def frame_id_of(head: FrameHead | None) -> str | None:
 # PBKDF2-HMAC-SHA256, off the event loop; the cost is sized so 5,000 meshes
 # reconnecting at once all authenticate within 10 s on one core.
 
-PBKDF2_ITERATIONS = 1500
+PBKDF2_ITERATIONS = 1000
 LEGACY_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
@@ -435,20 +435,55 @@ class Registry(Protocol):
     async def close(self) -> None: ...
 
 
+class Put(Struct, tag="put", tag_field="op"):
+    mesh: Mesh
+
+
+class Delete(Struct, tag="delete", tag_field="op", rename="camel"):
+    mesh_id: str
+
+
+journal_decoder = msgspec.json.Decoder(Put | Delete)
+
+
 def load_registry_file(path: str) -> dict[str, Mesh]:
-    """Read our file or the Node gateway's (a list of entries, or an object keyed by meshId)."""
+    """Our snapshot (or the Node gateway's file: a list of entries, or an object keyed
+    by meshId), then the changes journaled since it was written."""
+    meshes: dict[str, Mesh] = {}
     try:
         with open(path, "rb") as file:
             data = file.read()
-    except FileNotFoundError:
-        return {}
-    try:
         raw = msgspec.json.decode(data) if data.strip() else []
         if isinstance(raw, dict):
             raw = [{"meshId": key, **value} for key, value in raw.items()]
-        return {mesh.mesh_id: mesh for mesh in msgspec.convert(raw, list[Mesh])}
+        meshes = {mesh.mesh_id: mesh for mesh in msgspec.convert(raw, list[Mesh])}
+    except FileNotFoundError:
+        pass
     except (msgspec.DecodeError, TypeError) as exc:  # refuse to start rather than overwrite it
         raise RuntimeError(f"registry file {path} is unreadable ({exc}): fix it or move it away") from None
+    for change in read_journal(f"{path}.journal"):
+        match change:
+            case Put(mesh=mesh):
+                meshes[mesh.mesh_id] = mesh
+            case Delete(mesh_id=mesh_id):
+                meshes.pop(mesh_id, None)
+    return meshes
+
+
+def read_journal(path: str) -> list[Put | Delete]:
+    try:
+        with open(path, "rb") as file:
+            lines = file.read().split(b"\n")
+    except FileNotFoundError:
+        return []
+    changes = []
+    for number, line in enumerate(lines, 1):
+        try:
+            changes.append(journal_decoder.decode(line))
+        except msgspec.DecodeError:
+            if number < len(lines) - 1:  # only the last line can be torn (a crash mid-append): it was never acked
+                raise RuntimeError(f"registry journal {path} is unreadable at line {number}") from None
+    return changes
 
 
 def write_atomically(path: str, data: bytes) -> None:
@@ -459,6 +494,10 @@ def write_atomically(path: str, data: bytes) -> None:
         file.flush()
         os.fsync(file.fileno())
     os.replace(temp, path)
+    fsync_folder(path)
+
+
+def fsync_folder(path: str) -> None:
     folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(folder)
@@ -466,16 +505,41 @@ def write_atomically(path: str, data: bytes) -> None:
         os.close(folder)
 
 
-class FileRegistry:
-    """The embedded default: all meshes in memory, durably mirrored to one JSON file.
+def append_durably(path: str, data: bytes) -> None:
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as file:
+        new = file.tell() == 0
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    if new:
+        fsync_folder(path)
 
-    Concurrent changes share one rewrite (group commit): each caller waits for the
-    first write that starts after its change, so a 200 always means "on disk".
+
+def compact(path: str, snapshot: bytes) -> None:
+    """Write the whole registry atomically, then start an empty journal.
+    A crash in between replays the old journal onto the new snapshot: same result."""
+    write_atomically(path, snapshot)
+    with contextlib.suppress(FileNotFoundError):
+        os.truncate(f"{path}.journal", 0)
+
+
+class FileRegistry:
+    """The embedded default: all meshes in memory, durable on disk.
+
+    Each change is appended to `<path>.journal` and fsynced before it is
+    acknowledged; concurrent changes share one append (group commit). Once the
+    journal outgrows the registry, the snapshot `<path>` (plain JSON, the Node
+    gateway's format plus fields) is rewritten atomically and the journal
+    emptied, so disk work per change stays constant however many meshes there are.
     """
+
+    COMPACT_AFTER = 1000  # journal lines (at least; more for big registries)
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.meshes = load_registry_file(path)
+        self._journal: list[bytes] = []  # changes not yet on disk
+        self._journaled = len(read_journal(f"{path}.journal"))
         self._version = 0  # bumped by every change
         self._saved = 0  # the version last made durable
         self._saving: asyncio.Task[None] | None = None
@@ -484,24 +548,42 @@ class FileRegistry:
         return self.meshes.get(mesh_id)
 
     async def put(self, mesh: Mesh, *, expect: Mesh | None) -> bool:
-        if self.meshes.get(mesh.mesh_id) != expect:
-            return False
-        self.meshes[mesh.mesh_id] = mesh
-        await self._commit()
-        return True
+        return await self._change(mesh.mesh_id, expect, mesh)
 
     async def delete(self, mesh: Mesh) -> bool:
-        if self.meshes.get(mesh.mesh_id) != mesh:
+        return await self._change(mesh.mesh_id, mesh, None)
+
+    async def _change(self, mesh_id: str, expect: Mesh | None, new: Mesh | None) -> bool:
+        """Compare-and-set in memory, then make it durable; undone if the disk refuses it."""
+        if self.meshes.get(mesh_id) != expect:
             return False
-        del self.meshes[mesh.mesh_id]
-        await self._commit()
+        self._set(mesh_id, new)
+        try:
+            await self._commit(Put(new) if new is not None else Delete(mesh_id))
+        except OSError:
+            if self.meshes.get(mesh_id) is new:
+                self._set(mesh_id, expect)
+            raise
         return True
 
-    async def close(self) -> None:
-        if self._saved < self._version:
-            await self._commit()
+    def _set(self, mesh_id: str, mesh: Mesh | None) -> None:
+        if mesh is None:
+            self.meshes.pop(mesh_id, None)
+        else:
+            self.meshes[mesh_id] = mesh
 
-    async def _commit(self) -> None:
+    async def close(self) -> None:
+        """Leave one complete snapshot behind (for backups, or the Node gateway)."""
+        if self._saving is not None:
+            with contextlib.suppress(OSError):
+                await self._saving
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, compact, self.path, self._snapshot())
+        except OSError as exc:  # the journal still holds every acknowledged change
+            log.error("registry snapshot not written at shutdown: %s", exc)
+
+    async def _commit(self, change: Put | Delete) -> None:
+        self._journal.append(encoder.encode(change) + b"\n")
         self._version += 1
         wanted = self._version
         while self._saved < wanted:
@@ -510,10 +592,22 @@ class FileRegistry:
             await asyncio.shield(self._saving)
 
     async def _save(self) -> None:
-        version = self._version
-        data = encoder.encode(list(self.meshes.values()))
-        await asyncio.get_running_loop().run_in_executor(None, write_atomically, self.path, data)
+        version, lines, self._journal = self._version, self._journal, []
+        loop = asyncio.get_running_loop()
+        try:
+            if self._journaled + len(lines) > max(self.COMPACT_AFTER, len(self.meshes)):
+                await loop.run_in_executor(None, compact, self.path, self._snapshot())
+                self._journaled = 0
+            else:
+                await loop.run_in_executor(None, append_durably, f"{self.path}.journal", b"".join(lines))
+                self._journaled += len(lines)
+        except OSError:
+            self._journaled = sys.maxsize  # lines were lost: the next save rewrites the whole snapshot
+            raise
         self._saved = version
+
+    def _snapshot(self) -> bytes:
+        return encoder.encode(list(self.meshes.values()))
 
 
 # --- Hub ----------------------------------------------------------------------
@@ -567,7 +661,7 @@ class Peer:
 
     __slots__ = (
         "send_asgi", "mesh_id", "name", "conn", "seq", "participants", "public_rooms", "bucket", "on_close",
-        "outbox", "queued", "limit", "closing", "goodbye", "dropping", "writer",
+        "outbox", "queued", "limit", "closing", "goodbye", "dropping", "writer", "auth_deadline",
     )  # fmt: skip
 
     def __init__(self, send: Send, settings: Settings) -> None:
@@ -587,6 +681,7 @@ class Peer:
         self.goodbye: Close | None = None  # sent once the outbox is empty
         self.dropping = False  # cut off: what is still queued is dropped, not sent
         self.writer: asyncio.Task[None] | None = None
+        self.auth_deadline: asyncio.TimerHandle | None = None
 
     def send(self, text: str, size: int) -> bool:
         """Queue one text frame of `size` bytes; a peer that stops reading is cut off, not waited for."""
@@ -1477,7 +1572,7 @@ class Gateway:
             return
         await send({"type": "websocket.accept"})
         peer = Peer(send, self.settings)
-        deadline = asyncio.get_running_loop().call_later(self.settings.auth_timeout_s, self._auth_timeout, peer)
+        peer.auth_deadline = asyncio.get_running_loop().call_later(self.settings.auth_timeout_s, self._auth_timeout, peer)
         try:
             while True:
                 message = await receive()
@@ -1487,15 +1582,14 @@ class Gateway:
                     continue
                 data = message.get("text")
                 await self._handle(peer, data if data is not None else message.get("bytes") or b"", hub)
-                if peer.mesh_id is not None:
-                    deadline.cancel()
         except Exception:
             log.exception("mesh %s: connection failed", peer.mesh_id)
             peer.close(CLOSE_INTERNAL, "internal error")
             if peer.writer is not None:
                 await asyncio.wait([peer.writer], timeout=2)
         finally:
-            deadline.cancel()
+            if peer.auth_deadline is not None:
+                peer.auth_deadline.cancel()
             if peer.writer is not None:
                 peer.writer.cancel()
             hub.forget(peer)
@@ -1521,6 +1615,8 @@ class Gateway:
             peer.send_frame(AuthError(message="Not authenticated"))
 
     async def _authenticate(self, peer: Peer, frame: Auth, hub: Hub) -> None:
+        if peer.auth_deadline is not None:  # the node sent its auth in time; checking it may take a while
+            peer.auth_deadline.cancel()
         try:
             if not hub.healthy:
                 raise BackplaneUnavailable
@@ -1538,7 +1634,7 @@ class Gateway:
             peer.close(CLOSE_TRY_AGAIN, "service unavailable")
             return
         if peer.closing:
-            return  # the auth deadline passed meanwhile
+            return  # closed meanwhile (gateway shutting down)
         if mesh is None or not valid:
             log.info("auth refused for %r", frame.mesh_id[:64])
             peer.send_frame(AuthError(message="Invalid credentials"))
