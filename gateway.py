@@ -775,11 +775,24 @@ class Hub:
         self.node = backplane.node
         self.peers: dict[str, Peer] = {}
         self.meshes: dict[str, Presence] = {}
+        self.populated: dict[str, Presence] = {}  # the meshes that have participants (a new mesh gets them)
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def healthy(self) -> bool:
         return self.backplane.healthy
+
+    def _put(self, presence: Presence) -> Presence:
+        self.meshes[presence.mesh_id] = presence
+        if presence.participants:
+            self.populated[presence.mesh_id] = presence
+        else:
+            self.populated.pop(presence.mesh_id, None)
+        return presence
+
+    def _drop(self, mesh_id: str) -> None:
+        del self.meshes[mesh_id]
+        self.populated.pop(mesh_id, None)
 
     # --- this process's peers ---
 
@@ -793,12 +806,12 @@ class Hub:
         peer.seq = time.time_ns()
         peer.on_close = self.forget
         self.peers[mesh_id] = peer
-        presence = self.meshes[mesh_id] = peer.presence(self.node)
+        presence = self._put(peer.presence(self.node))
         if old is not None:
             old.close(CLOSE_REPLACED, "replaced")  # its teardown no longer matches: it changes nothing
         await self._publish(presence)
         peer.send_frame(greeting)
-        groups = [group(p) for p in self.meshes.values() if p.mesh_id != mesh_id and p.participants]
+        groups = [group(p) for p in self.populated.values() if p.mesh_id != mesh_id]
         if groups:
             peer.send_frame(Participants(remote_participants=groups))
         if presence.participants or (before is not None and before.participants):
@@ -812,20 +825,20 @@ class Hub:
         presence = self.meshes.get(peer.mesh_id)
         if presence is None or presence.conn != peer.conn:
             return  # another process took the mesh over
-        del self.meshes[peer.mesh_id]
+        self._drop(peer.mesh_id)
         if presence.participants:
             self._announce(msgspec.structs.replace(presence, participants=[]))
         self._spawn(self._withdraw(presence))
 
     async def set_participants(self, peer: Peer, participants: list[Participant]) -> None:
         peer.participants = participants
-        presence = self.meshes[peer.mesh_id or ""] = peer.presence(self.node)
+        presence = self._put(peer.presence(self.node))
         self._announce(presence)
         await self._publish(presence)
 
     async def set_rooms(self, peer: Peer, rooms: list[str]) -> None:
         peer.public_rooms = rooms
-        presence = self.meshes[peer.mesh_id or ""] = peer.presence(self.node)
+        presence = self._put(peer.presence(self.node))
         await self._publish(presence)
 
     async def _publish(self, presence: Presence) -> None:
@@ -900,7 +913,7 @@ class Hub:
         if local is not None and local.seq > presence.seq:
             return  # ours is the newer claim: the other process yields
         before = self.meshes.get(mesh_id)
-        self.meshes[mesh_id] = presence
+        self._put(presence)
         if local is not None:
             local.close(CLOSE_REPLACED, "replaced")
         if before == presence:
@@ -916,7 +929,7 @@ class Hub:
         presence = self.meshes.get(mesh_id)
         if presence is None or presence.conn != conn or presence.node == self.node:
             return
-        del self.meshes[mesh_id]
+        self._drop(mesh_id)
         if presence.participants:
             self._announce(msgspec.structs.replace(presence, participants=[]))
 
@@ -937,8 +950,7 @@ class Hub:
             peer.close(CLOSE_UNREGISTERED, "unregistered")
         elif name is not None:
             peer.name = name
-            self.meshes[mesh_id] = peer.presence(self.node)
-            self._spawn(self._publish(self.meshes[mesh_id]))
+            self._spawn(self._publish(self._put(peer.presence(self.node))))
 
     def _announce(self, presence: Presence) -> None:
         """Send a mesh's participant group to every other mesh on this process."""
