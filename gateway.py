@@ -1373,7 +1373,7 @@ def admit(peer: Peer, frame_id: str | None) -> bool:
     return not wait_ms
 
 
-# --- Endpoints --------------------------------------------------------------
+# --- Endpoints: request bodies and HTTP errors --------------------------------
 
 MeshIdField = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
 SecretField = Annotated[str, Meta(min_length=8, max_length=512)]
@@ -1427,7 +1427,7 @@ async def read_json(request: Request, kind: type[Struct]) -> Any:
     return value
 
 
-# --- Assembly ---------------------------------------------------------------
+# --- Endpoints and assembly: the Gateway (routes, lifespan), create_app, main -
 
 
 class AsgiEndpoint:
