@@ -1415,3 +1415,18 @@ async def test_registry_journal_compacts_and_survives_a_torn_line(tmp_path: Path
     await registry.close()
     assert gw.load_registry_file(str(path)) == registry.meshes
     assert (tmp_path / "registry.json.journal").read_bytes() == b""
+
+
+# --- The benchmark harness (measured elsewhere; here it only must not rot) ---------
+
+
+def test_bench_quick_mode_runs(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(HERE / "bench" / "run.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads(out.read_text())
