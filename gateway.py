@@ -28,6 +28,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Annotated, Any, Generic, Literal, Protocol, TypeVar
 
 import msgspec
@@ -376,8 +377,8 @@ class Hasher:
     BATCH = 64
 
     def __init__(self, workers: int = 2) -> None:
-        context = multiprocessing.get_context("spawn")  # never fork a running event loop
-        self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=start_worker, initargs=(os.getpid(),))
+        self.workers = workers
+        self.pool = self._new_pool()
         self.pending: deque[tuple[str, str | None, asyncio.Future[Any]]] = deque()
         self.wakeup = asyncio.Event()
         self.runners = [asyncio.create_task(self._run()) for _ in range(workers)]
@@ -394,7 +395,11 @@ class Hasher:
     async def close(self) -> None:
         for runner in self.runners:
             runner.cancel()
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        await asyncio.to_thread(self.pool.shutdown, True, cancel_futures=True)
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        context = multiprocessing.get_context("spawn")  # never fork a running event loop
+        return ProcessPoolExecutor(self.workers, mp_context=context, initializer=start_worker, initargs=(os.getpid(),))
 
     async def _submit(self, secret: str, stored: str | None) -> Any:
         future = asyncio.get_running_loop().create_future()
@@ -410,10 +415,14 @@ class Hasher:
                 await self.wakeup.wait()
                 continue
             batch = [self.pending.popleft() for _ in range(min(self.BATCH, len(self.pending)))]
+            pool = self.pool
             try:
-                results = await loop.run_in_executor(self.pool, hash_batch, [(s, h) for s, h, _ in batch])
-            except Exception as exc:  # a broken pool: fail these callers, never hang them
-                log.error("secret hashing failed: %r", exc)
+                results = await loop.run_in_executor(pool, hash_batch, [(s, h) for s, h, _ in batch])
+            except BrokenProcessPool as exc:  # a worker died: fail this batch (never hang it), start new workers
+                log.error("a hashing process died (%s): starting new ones", exc)
+                if pool is self.pool:
+                    self.pool = self._new_pool()
+                    pool.shutdown(wait=False)
                 for *_, future in batch:
                     if not future.done():
                         future.set_exception(exc)
@@ -1722,6 +1731,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "ws_ping_timeout": settings.ping_timeout_s,
         "ws_per_message_deflate": settings.ws_per_message_deflate,
         "timeout_graceful_shutdown": 5,
+        "backlog": 4096,  # a restart's reconnect storm arrives at once
         "log_level": settings.log_level,
         "server_header": False,
     }

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -1430,3 +1431,19 @@ def test_bench_quick_mode_runs(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert json.loads(out.read_text())
+
+
+async def test_hashing_recovers_when_a_worker_dies() -> None:
+    hasher = gw.Hasher(workers=1)
+    try:
+        await hasher.start()
+        secret_hash = await hasher.hash("secret-1")
+        for process in list(hasher.pool._processes.values()):
+            process.kill()
+        with contextlib.suppress(BrokenProcessPool):  # the batch that met the dead worker fails, promptly
+            async with asyncio.timeout(TIMEOUT):
+                await hasher.verify("secret-1", secret_hash)
+        async with asyncio.timeout(TIMEOUT):
+            assert await hasher.verify("secret-1", secret_hash)  # new workers took over
+    finally:
+        await hasher.close()
