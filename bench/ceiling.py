@@ -133,6 +133,7 @@ def main() -> None:
         ws_ping_timeout=PING_S,
         lifespan="off",
         timeout_graceful_shutdown=5,
+        backlog=4096,  # as gateway.py: a reconnect storm arrives at once
         server_header=False,
         access_log=False,
         log_level="warning",

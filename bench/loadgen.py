@@ -19,6 +19,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -90,6 +91,7 @@ class Stats:
         self.errors: list[str] = []
         self.error_count = 0
         self.closes: dict[str, int] = {}
+        self.reconnects = 0
 
     def error(self, text: str) -> None:
         self.error_count += 1
@@ -145,6 +147,8 @@ class Mesh:
         if self.client is not None:
             code = str(self.client.close_code)
             self.stats.closes[code] = self.stats.closes.get(code, 0) + 1
+            if self.authed is not None and not self.authed.done():  # fail now, not at the timeout
+                self.authed.set_exception(ConnectionError(f"closed ({code}) before auth"))
 
     def close(self) -> None:
         if self.client is not None:
@@ -161,6 +165,7 @@ class Role:
         self.job = job
         self.host: str = job["host"]
         self.port: int = job["port"]
+        self.ports: dict[str, int] = job.get("ports", {})  # mesh id -> its server process, when there are several
         self.stats = Stats()
         self.running = False
         self.meshes: list[Mesh] = []
@@ -183,15 +188,26 @@ class Role:
         """Connect and authenticate every mesh; returns how many failed."""
         gate = asyncio.Semaphore(concurrency)
         timeout = float(self.job.get("connect_timeout_s", 30))
+        retries = int(self.job.get("retries", 0))
 
         async def one(mesh: Mesh) -> bool:
             async with gate:
-                try:
-                    await mesh.connect(self.host, self.port, deflate=deflate, timeout=timeout)
-                    return True
-                except (OSError, TimeoutError, ConnectionError) as exc:
-                    self.stats.error(f"{mesh.id}: connect/auth failed: {exc!r}")
+                for attempt in range(retries + 1):
+                    try:
+                        port = self.ports.get(mesh.id, self.port)
+                        await mesh.connect(self.host, port, deflate=deflate, timeout=timeout)
+                        return True
+                    except (OSError, ConnectionError) as exc:
+                        # Refused or reset before the upgrade (a full listen queue): nodes reconnect too.
+                        if mesh.client is None and attempt < retries:
+                            self.stats.reconnects += 1
+                            await asyncio.sleep(0.5)
+                            continue
+                        self.stats.error(f"{mesh.id}: connect/auth failed: {exc!r}")
+                    except TimeoutError as exc:
+                        self.stats.error(f"{mesh.id}: connect/auth timed out: {exc!r}")
                     return False
+            return False
 
         results = await asyncio.gather(*(one(m) for m in meshes))
         return results.count(False)
@@ -205,33 +221,41 @@ class Role:
     async def finish(self) -> dict[str, Any]:
         return {}
 
-    async def drain(self, pending: Any, timeout: float = 10.0) -> None:
+    async def drain(self, pending: Callable[[], int], timeout: float = 10.0) -> None:
         """Wait (bounded) until `pending()` is 0 after the senders stopped."""
         deadline = time.monotonic() + timeout
         while pending() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
 
 
+@dataclass(slots=True)
+class Pair:
+    sender: Mesh
+    receiver: Mesh
+    in_flight: int = 0
+    seq: int = 0
+
+
 class RelayRole(Role):
     """Pairs of meshes; each sender keeps `window` relays in flight to its receiver."""
 
     async def setup(self) -> None:
-        self.pairs: list[list[Any]] = []  # [sender, receiver, in_flight, seq]
+        self.pairs: list[Pair] = []
         for sender_id, receiver_id in self.job["pairs"]:
-            pair: list[Any] = [Mesh(sender_id, self.stats), Mesh(receiver_id, self.stats), 0, 0]
-            pair[1].on_incoming = lambda sent_ns, seq, pair=pair: self.delivered(pair, sent_ns)
+            pair = Pair(Mesh(sender_id, self.stats), Mesh(receiver_id, self.stats))
+            pair.receiver.on_incoming = lambda sent_ns, seq, pair=pair: self.delivered(pair, sent_ns)
             self.pairs.append(pair)
-        self.meshes = [m for p in self.pairs for m in p[:2]]
+        self.meshes = [m for p in self.pairs for m in (p.sender, p.receiver)]
         if failed := await self.connect_all(self.meshes, concurrency=len(self.meshes)):
             raise RuntimeError(f"{failed} meshes failed to connect")
 
-    def send_one(self, pair: list[Any]) -> None:
-        pair[3] += 1
-        pair[2] += 1
-        pair[0].send(RELAY % (pair[1].id.encode(), pair[3], time.monotonic_ns(), pair[3]))
+    def send_one(self, pair: Pair) -> None:
+        pair.seq += 1
+        pair.in_flight += 1
+        pair.sender.send(RELAY % (pair.receiver.id.encode(), pair.seq, time.monotonic_ns(), pair.seq))
 
-    def delivered(self, pair: list[Any], sent_ns: int) -> None:
-        pair[2] -= 1
+    def delivered(self, pair: Pair, sent_ns: int) -> None:
+        pair.in_flight -= 1
         self.record(sent_ns)
         if self.running:
             self.send_one(pair)
@@ -243,8 +267,8 @@ class RelayRole(Role):
                 self.send_one(pair)
 
     async def finish(self) -> dict[str, Any]:
-        await self.drain(lambda: sum(p[2] for p in self.pairs))
-        return {"lost": sum(p[2] for p in self.pairs), "sent": sum(p[3] for p in self.pairs)}
+        await self.drain(lambda: sum(p.in_flight for p in self.pairs))
+        return {"lost": sum(p.in_flight for p in self.pairs), "sent": sum(p.seq for p in self.pairs)}
 
 
 class FanoutRole(Role):
@@ -311,14 +335,16 @@ class ConnectRole(Role):
 
     async def connect(self) -> None:
         concurrency = self.job.get("concurrency") or len(self.meshes)
-        self.failed = await self.connect_all(self.meshes, concurrency=concurrency, deflate=self.job.get("deflate", False))
+        deflate = bool(self.job.get("deflate", False))
+        self.failed = await self.connect_all(self.meshes, concurrency=concurrency, deflate=deflate)
         self.done_t = time.monotonic()
         emit({"event": "done", "failed": self.failed})
 
     async def finish(self) -> dict[str, Any]:
         if not self.task.done():
             self.task.cancel()
-            return {"failed": len(self.meshes), "unfinished": True}
+            authed = sum(m.authed is not None and m.authed.done() and not m.authed.exception() for m in self.meshes)
+            return {"failed": len(self.meshes) - authed, "unfinished": True}
         clients = [m.client for m in self.meshes if m.client is not None]
         return {
             "failed": self.failed,
@@ -449,6 +475,7 @@ async def main() -> None:
         errors=role.stats.errors,
         error_count=role.stats.error_count,
         closes=role.stats.closes,
+        reconnects=role.stats.reconnects,
     )
     emit(result)
     for mesh in role.meshes:

@@ -1,14 +1,16 @@
 """Child processes: the server under test and the load generator workers.
 
 The server is pinned to CPU 0 and the workers to CPU 1 (with `taskset`, when
-it exists and the machine has two CPUs). Every child is stopped by its PID in
-a `finally`, whatever happened.
+it exists and the machine has two CPUs); a cluster's gateways and its
+redis-server all share CPU 0. Every child is stopped by its PID in a
+`finally`, whatever happened.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import json
 import logging
 import os
@@ -51,9 +53,26 @@ def free_port() -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a live process, from /proc (children not included)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    """utime + stime of a live process, from /proc (children not included); 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def with_descendants(pid: int) -> list[int]:
+    """`pid` and every live process below it (e.g. the gateway's hashing worker processes)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        for children in Path(f"/proc/{current}/task").glob("*/children"):
+            try:
+                todo += [int(child) for child in children.read_text().split()]
+            except OSError:
+                continue
+    return found
 
 
 def busy_seconds() -> float:
@@ -64,7 +83,11 @@ def busy_seconds() -> float:
 
 
 def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
@@ -88,8 +111,7 @@ async def stop_pid(proc: asyncio.subprocess.Process, *, grace: float = 12.0) -> 
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """How to start one server kind. A later `cluster` spec can start several
-    processes (and redis) and expose several endpoints through the same `Running`."""
+    """How to start one server process of a kind."""
 
     kind: str  # "gateway" or "ceiling": the label in the results
     argv: Sequence[str]
@@ -118,10 +140,19 @@ class Running:
         return [p.pid for p in self.procs]
 
     def cpu(self) -> float:
-        return sum(cpu_seconds(pid) for pid in self.pids)
+        """CPU seconds of the server processes and their children (helper processes work for them)."""
+        return sum(cpu_seconds(p) for pid in self.pids for p in with_descendants(pid))
+
+    def cpu_parts(self) -> dict[str, float]:
+        """CPU seconds by process, for servers of several processes; one process has no breakdown."""
+        return {}
 
     def rss(self) -> int:
+        """RSS of the server processes themselves, where connections live."""
         return sum(rss_bytes(pid) for pid in self.pids)
+
+    def rss_tree(self) -> int:
+        return sum(rss_bytes(p) for pid in self.pids for p in with_descendants(pid))
 
     async def __aenter__(self) -> Running:
         await self.start()
@@ -179,6 +210,131 @@ class Running:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Several gateway processes sharing one redis-server (`REDIS_URL`): one gateway.
+
+    The registry lives in Redis, so there is no registry file to prepare: a
+    scenario registers its meshes over HTTP, with any process."""
+
+    kind: str
+    gateway: ServerSpec
+    processes: int = 3
+    uses_registry: bool = False
+
+    @property
+    def argv(self) -> Sequence[str]:
+        return self.gateway.argv
+
+    def launch(self, logdir: Path, *, registry: Path | None = None) -> Cluster:
+        return Cluster(self, logdir)
+
+
+class Cluster:
+    """A started cluster: redis-server and the gateways on CPU 0, each gateway with its own
+    port and a fresh REGISTRY_PATH. Up when every gateway's /health is 200 (Redis connected)."""
+
+    def __init__(self, spec: ClusterSpec, logdir: Path) -> None:
+        self.spec, self.logdir = spec, logdir
+        self.redis_port = free_port()
+        self.redis: asyncio.subprocess.Process | None = None
+        env = {**spec.gateway.env, "REDIS_URL": f"redis://{HOST}:{self.redis_port}/0"}
+        member = dataclasses.replace(spec.gateway, kind=spec.kind, env=env)
+        self.gateways = [
+            Running(member, logdir, logdir / f"{spec.kind}-registry-{time.monotonic_ns()}-{i}.json")
+            for i in range(spec.processes)
+        ]
+
+    @property
+    def endpoints(self) -> list[tuple[str, int]]:
+        return [endpoint for g in self.gateways for endpoint in g.endpoints]
+
+    @property
+    def pids(self) -> list[int]:
+        return [*([self.redis.pid] if self.redis else []), *(pid for g in self.gateways for pid in g.pids)]
+
+    def cpu_parts(self) -> dict[str, float]:
+        """CPU seconds by process: `redis` and `gw0`, `gw1`, ... (each with its helper processes)."""
+        parts = {f"gw{i}": g.cpu() for i, g in enumerate(self.gateways)}
+        parts["redis"] = cpu_seconds(self.redis.pid) if self.redis else 0.0
+        return parts
+
+    def cpu(self) -> float:
+        return sum(self.cpu_parts().values())
+
+    def rss(self) -> int:
+        return sum(rss_bytes(pid) for pid in self.pids)
+
+    def rss_tree(self) -> int:
+        return sum(rss_bytes(p) for pid in self.pids for p in with_descendants(pid))
+
+    async def health(self) -> dict[str, Any] | None:
+        """The first gateway's /health (`clusterConnected` counts every process's meshes)."""
+        return await self.gateways[0].health()
+
+    async def __aenter__(self) -> Cluster:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        try:
+            await self._start_redis()
+            started = await asyncio.gather(*(g.start() for g in self.gateways), return_exceptions=True)
+            if failed := [e for e in started if isinstance(e, BaseException)]:
+                raise failed[0]
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start_redis(self, timeout: float = 10.0) -> None:
+        workdir = self.logdir / f"redis-{self.redis_port}"
+        workdir.mkdir()
+        argv = [
+            *pinned(SERVER_CPU), "redis-server", "--port", str(self.redis_port), "--bind", HOST,
+            "--save", "", "--appendonly", "no", "--dir", str(workdir),
+        ]  # fmt: skip
+        with open(self.logdir / f"redis-{self.redis_port}.log", "ab") as out:
+            self.redis = await asyncio.create_subprocess_exec(
+                *argv, stdout=out, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+            )  # fmt: skip
+        log.info("started redis-server pid %d on port %d", self.redis.pid, self.redis_port)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.redis.returncode is None:
+            if await redis_ping(self.redis_port):
+                return
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"redis-server did not start (see redis-{self.redis_port}.log)")
+
+    async def stop(self) -> None:
+        """Gateways first (they withdraw their presence from Redis), then redis-server."""
+        for gateway in self.gateways:
+            await gateway.stop()
+        redis, self.redis = self.redis, None
+        if redis is not None and (code := await stop_pid(redis)) not in (0, -signal.SIGTERM):
+            log.warning("redis-server pid %d exited with %s", redis.pid, code)
+
+
+async def redis_ping(port: int) -> bool:
+    try:
+        async with asyncio.timeout(2):
+            reader, writer = await asyncio.open_connection(HOST, port)
+            try:
+                writer.write(b"PING\r\n")
+                return await reader.readline() == b"+PONG\r\n"
+            finally:
+                writer.close()
+    except (OSError, TimeoutError):
+        return False
+
+
+Spec = ServerSpec | ClusterSpec
+Server = Running | Cluster
 
 
 # --- Load generator workers ------------------------------------------------------
