@@ -1184,7 +1184,7 @@ class RedisBackplane:
             self.healthy = False
             log.error("backplane listener died: %r; /health answers 503", task.exception())
 
-    async def _call(self, command: Any) -> Any:
+    async def call(self, command: Any) -> Any:
         """Await a Redis command; an outage becomes BackplaneUnavailable."""
         if not self.healthy:
             raise BackplaneUnavailable
@@ -1201,22 +1201,22 @@ class RedisBackplane:
         pipe.pexpire(self.key, self.ttl_ms)
         pipe.sadd(KEY_NODES, self.node)
         pipe.publish(CHANNEL_BUS, encoder.encode(Joined(presence)))
-        await self._call(pipe.execute())
+        await self.call(pipe.execute())
 
     async def withdraw(self, presence: Presence) -> None:
         left = encoder.encode(Left(mesh_id=presence.mesh_id, conn=presence.conn))
-        await self._call(self.withdraw_script(keys=[self.key, CHANNEL_BUS], args=[presence.mesh_id, presence.conn, left]))
+        await self.call(self.withdraw_script(keys=[self.key, CHANNEL_BUS], args=[presence.mesh_id, presence.conn, left]))
 
     async def relay(self, node: str, mesh_id: str, frame: bytes) -> bool:
         data = encoder.encode(Delivery(mesh_id=mesh_id, frame=msgspec.Raw(frame)))
-        return bool(await self._call(self.redis.publish(CHANNEL_NODE + node, data)))
+        return bool(await self.call(self.redis.publish(CHANNEL_NODE + node, data)))
 
     async def broadcast(self, sender: str, frame: bytes) -> None:
         data = encoder.encode(Fanout(node=self.node, sender=sender, frame=msgspec.Raw(frame)))
-        await self._call(self.redis.publish(CHANNEL_BUS, data))
+        await self.call(self.redis.publish(CHANNEL_BUS, data))
 
     async def notify(self, mesh_id: str, *, name: str | None = None, close: bool = False) -> None:
-        await self._call(self.redis.publish(CHANNEL_BUS, encoder.encode(Changed(mesh_id, name, close))))
+        await self.call(self.redis.publish(CHANNEL_BUS, encoder.encode(Changed(mesh_id, name, close))))
 
     # --- the listener ---
 
@@ -1346,7 +1346,7 @@ class RedisRegistry:
         self.cas = backplane.redis.register_script(CAS_LUA)
 
     async def get(self, mesh_id: str) -> Mesh | None:
-        raw = await self.backplane._call(self.backplane.redis.hget(KEY_REGISTRY, mesh_id))
+        raw = await self.backplane.call(self.backplane.redis.hget(KEY_REGISTRY, mesh_id))
         return None if raw is None else msgspec.json.decode(raw, type=Mesh)
 
     async def put(self, mesh: Mesh, *, expect: Mesh | None) -> bool:
@@ -1360,7 +1360,7 @@ class RedisRegistry:
 
     async def _swap(self, mesh_id: str, expect: Mesh | None, new: bytes) -> bool:
         old = b"" if expect is None else encoder.encode(expect)
-        return bool(await self.backplane._call(self.cas(keys=[KEY_REGISTRY], args=[mesh_id, old, new])))
+        return bool(await self.backplane.call(self.cas(keys=[KEY_REGISTRY], args=[mesh_id, old, new])))
 
 
 # --- Dispatcher -------------------------------------------------------------
