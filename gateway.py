@@ -116,6 +116,7 @@ class Auth(Frame, tag="gateway_auth"):
     secret: str
     participants: list[Participant] = []
     public_rooms: list[str] = []
+    id: FrameId | None = None  # only echoed on an `already_authenticated` error
 
 
 class Discover(Frame, tag="gateway_discover"):
@@ -1404,8 +1405,8 @@ async def dispatch(peer: Peer, frame: ClientFrame, hub: Hub) -> None:
             await hub.set_participants(peer, participants)
         case UpdateRooms(public_rooms=rooms):
             await hub.set_rooms(peer, rooms)
-        case Auth():
-            peer.send_frame(Error(message="already authenticated", code=ALREADY_AUTHENTICATED))
+        case Auth(id=frame_id):
+            peer.send_frame(Error(message="already authenticated", code=ALREADY_AUTHENTICATED, id=frame_id))
 
 
 def unavailable(frame_id: str | None) -> Error:

@@ -753,8 +753,8 @@ async def test_auth_timeout(tmp_path: Path) -> None:
 async def test_second_auth_keeps_the_mesh(g: Gw) -> None:
     a = await g.node("a")
     await g.register("b")
-    await a.send(type="gateway_auth", meshId="b", secret="secret-b")
-    await a.error("already_authenticated")
+    await a.send(type="gateway_auth", meshId="b", secret="secret-b", id="again")
+    await a.error("already_authenticated", id="again")
     await a.send(type="gateway_auth", meshId=7)
     await a.error("invalid_frame")
     await a.send(type="gateway_discover")
