@@ -701,11 +701,9 @@ class Peer:
             log.warning("mesh %s: send buffer full, closing", self.mesh_id)
             self.close(CLOSE_TRY_AGAIN, "send buffer full", flush=False)
             return False
-        if self.writer is None and not self.outbox:  # nothing ahead of it: try handing it over now
-            self._send_now(text, size)
-        else:
-            self.outbox.append(text)
-            self.queued += size
+        self.outbox.append(text)
+        self.queued += size
+        self._wake()
         return True
 
     def send_frame(self, frame: Frame) -> bool:
@@ -741,32 +739,10 @@ class Peer:
         if self.writer is None:
             self.writer = asyncio.create_task(self._write())
 
-    def _send_now(self, text: str, size: int) -> None:
-        """Run the server's send in the caller's task. It completes at once unless the
-        socket's buffer is full (then it awaits the socket): only that send moves to
-        a writer task, so the caller never waits and no task is made per frame."""
-        sending = self.send_asgi({"type": "websocket.send", "text": text})
-        try:
-            waiting_on = sending.send(None)
-        except StopIteration:
-            return  # handed to the server
-        except OSError:
-            return  # the client is gone: the reader sees the disconnect
-        except Exception:  # a failure to deliver to this peer must never reach the sender's task
-            log.exception("mesh %s: send failed", self.mesh_id)
-            self.close(CLOSE_INTERNAL, "internal error", flush=False)
-            return
-        self.queued += size
-        self.writer = asyncio.create_task(self._write(unfinished=(sending, waiting_on, size)))
-
-    async def _write(self, unfinished: tuple[Any, Any, int] | None = None) -> None:
+    async def _write(self) -> None:
         """Send until the outbox is empty (then the close, if one was asked for), and end."""
         send = self.send_asgi
         try:
-            if unfinished is not None:
-                sending, waiting_on, size = unfinished
-                await finish_suspended(sending, waiting_on)
-                self.queued -= size
             while self.outbox:
                 batch, self.outbox = self.outbox, []
                 for text in batch:
@@ -780,22 +756,6 @@ class Peer:
             pass  # the client is gone: the reader sees the disconnect and tears the peer down
         finally:
             self.writer = None
-
-
-async def finish_suspended(coroutine: Any, waiting_on: Any) -> None:
-    """Drive a coroutine that was started by hand and suspended on `waiting_on` (what
-    it yielded: a future, or None for a bare yield) to its end, as a Task would."""
-    try:
-        while True:
-            if waiting_on is None:
-                await asyncio.sleep(0)
-            else:
-                await asyncio.wait([waiting_on])  # its outcome is the coroutine's to see
-            waiting_on = coroutine.send(None)
-    except StopIteration:
-        return
-    finally:
-        coroutine.close()  # no-op once finished; stops it if we were cancelled
 
 
 class BackplaneUnavailable(Exception):
