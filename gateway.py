@@ -1119,6 +1119,8 @@ class RedisBackplane:
         self.withdraw_script = self.redis.register_script(WITHDRAW_LUA)
         self.hub: Hub | None = None
         self.task: asyncio.Task[None] | None = None
+        self._outgoing: list[tuple[str, bytes, asyncio.Future[int]]] = []
+        self._flusher: asyncio.Task[None] | None = None
         self._imported = False
 
     async def start(self, hub: Hub) -> None:
@@ -1170,14 +1172,45 @@ class RedisBackplane:
 
     async def relay(self, node: str, mesh_id: str, frame: bytes) -> bool:
         data = encoder.encode(Delivery(mesh_id=mesh_id, frame=msgspec.Raw(frame)))
-        return bool(await self.call(self.redis.publish(CHANNEL_NODE + node, data)))
+        return bool(await self._publish(CHANNEL_NODE + node, data))
 
     async def broadcast(self, sender: str, frame: bytes) -> None:
-        data = encoder.encode(Fanout(node=self.node, sender=sender, frame=msgspec.Raw(frame)))
-        await self.call(self.redis.publish(CHANNEL_BUS, data))
+        await self._publish(CHANNEL_BUS, encoder.encode(Fanout(node=self.node, sender=sender, frame=msgspec.Raw(frame))))
 
     async def notify(self, mesh_id: str, *, name: str | None = None, close: bool = False) -> None:
-        await self.call(self.redis.publish(CHANNEL_BUS, encoder.encode(Changed(mesh_id, name, close))))
+        await self._publish(CHANNEL_BUS, encoder.encode(Changed(mesh_id, name, close)))
+
+    async def _publish(self, channel: str, data: bytes) -> int:
+        """PUBLISH, pipelined: what every socket publishes meanwhile goes in one round trip."""
+        if not self.healthy:
+            raise BackplaneUnavailable
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._outgoing.append((channel, data, future))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        try:
+            while self._outgoing:
+                batch, self._outgoing = self._outgoing, []
+                pipe = self.redis.pipeline(transaction=False)
+                for channel, data, _ in batch:
+                    pipe.publish(channel, data)
+                try:
+                    results = await pipe.execute()
+                except self.errors as exc:
+                    log.warning("backplane publish failed: %r", exc)
+                    results = [BackplaneUnavailable()] * len(batch)
+                for (*_, future), result in zip(batch, results):
+                    if future.done():
+                        continue  # its sender went away
+                    if isinstance(result, Exception):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+        finally:
+            self._flusher = None
 
     # --- the listener ---
 
