@@ -875,27 +875,37 @@ class Hub:
         payload = federate(payload)
         return encoder.encode(Incoming(from_mesh_id=sender.mesh_id or "", from_mesh_name=sender.name, payload=payload))
 
-    async def relay(self, sender: Peer, target: str, payload: Any) -> bool:
-        """Deliver to one mesh, here or on its process; False if it is connected nowhere."""
+    def relay(self, sender: Peer, target: str, payload: Any, frame_id: str | None) -> None:
+        """Deliver to one mesh, here or on its process, and answer the sender: an ack
+        (if it gave an id) or an error. Across processes the answer comes when Redis
+        confirms, so the sender's next frames are read meanwhile."""
         peer = self.peers.get(target)
         if peer is not None:
             data = self.incoming(sender, payload)
-            return peer.send(data.decode(), len(data))
-        if not self.healthy:
-            raise BackplaneUnavailable
-        presence = self.meshes.get(target)
-        if presence is None:
-            return False
-        return await self.backplane.relay(presence.node, target, self.incoming(sender, payload))
+            answer_relay(sender, target, frame_id, peer.send(data.decode(), len(data)))
+        elif not self.healthy:
+            sender.send_frame(unavailable(frame_id))
+        elif (presence := self.meshes.get(target)) is None:
+            answer_relay(sender, target, frame_id, False)
+        else:
+            published = self.backplane.relay(presence.node, target, self.incoming(sender, payload))
+            published.add_done_callback(lambda done: answer_relay(sender, target, frame_id, receivers(done)))
 
-    async def broadcast(self, sender: Peer, payload: Any) -> int:
-        """Encode once; deliver here, publish once for the other processes.
-        Returns the meshes connected cluster-wide, less the sender."""
+    def broadcast(self, sender: Peer, payload: Any, frame_id: str | None) -> None:
+        """Encode once; deliver here, publish once for the other processes. The ack counts
+        the meshes connected cluster-wide, less the sender."""
         data = self.incoming(sender, payload)
         self.fan_out(sender.mesh_id or "", data.decode(), len(data))
         delivered = len(self.meshes) - 1
-        await self.backplane.broadcast(sender.mesh_id or "", data)
-        return delivered
+        if not self.healthy:  # delivered on this process only
+            sender.send_frame(unavailable(frame_id))
+            return
+        published = self.backplane.broadcast(sender.mesh_id or "", data)
+        if frame_id is not None:
+            ack = Ack(id=frame_id, delivered=delivered)
+            published.add_done_callback(
+                lambda done: sender.send_frame(ack if receivers(done) is not None else unavailable(frame_id))
+            )
 
     def deliver(self, mesh_id: str, text: str, size: int) -> None:
         peer = self.peers.get(mesh_id)
@@ -977,6 +987,23 @@ class Hub:
             await asyncio.wait(pending, timeout=2)
 
 
+def receivers(published: asyncio.Future[int]) -> int | None:
+    """How many processes took a published frame; None if Redis failed."""
+    if published.cancelled() or published.exception() is not None:
+        return None
+    return published.result()
+
+
+def answer_relay(sender: Peer, target: str, frame_id: str | None, delivered: int | bool | None) -> None:
+    if delivered is None:
+        sender.send_frame(unavailable(frame_id))
+    elif not delivered:
+        message = f"mesh {target!r} is not connected"
+        sender.send_frame(Error(message=message, code=TARGET_OFFLINE, id=frame_id, target_mesh_id=target))
+    elif frame_id is not None:
+        sender.send_frame(Ack(id=frame_id, delivered=1))
+
+
 def group(presence: Presence) -> ParticipantGroup:
     return ParticipantGroup(mesh_id=presence.mesh_id, mesh_name=presence.name, participants=presence.participants)
 
@@ -998,9 +1025,9 @@ class Backplane(Protocol):
 
     async def withdraw(self, presence: Presence) -> None: ...
 
-    async def relay(self, node: str, mesh_id: str, frame: bytes) -> bool: ...
+    def relay(self, node: str, mesh_id: str, frame: bytes) -> asyncio.Future[int]: ...
 
-    async def broadcast(self, sender: str, frame: bytes) -> None: ...
+    def broadcast(self, sender: str, frame: bytes) -> asyncio.Future[int]: ...
 
     async def notify(self, mesh_id: str, *, name: str | None = None, close: bool = False) -> None: ...
 
@@ -1025,11 +1052,16 @@ class MemoryBackplane:
     async def withdraw(self, presence: Presence) -> None:
         pass
 
-    async def relay(self, node: str, mesh_id: str, frame: bytes) -> bool:
-        return False  # no other process: a mesh not held here is offline
+    def relay(self, node: str, mesh_id: str, frame: bytes) -> asyncio.Future[int]:
+        return self._done(0)  # no other process: a mesh not held here is offline
 
-    async def broadcast(self, sender: str, frame: bytes) -> None:
-        pass
+    def broadcast(self, sender: str, frame: bytes) -> asyncio.Future[int]:
+        return self._done(0)
+
+    def _done(self, receivers: int) -> asyncio.Future[int]:
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        future.set_result(receivers)
+        return future
 
     async def notify(self, mesh_id: str, *, name: str | None = None, close: bool = False) -> None:
         if self.hub is not None:
@@ -1170,25 +1202,25 @@ class RedisBackplane:
         left = encoder.encode(Left(mesh_id=presence.mesh_id, conn=presence.conn))
         await self.call(self.withdraw_script(keys=[self.key, CHANNEL_BUS], args=[presence.mesh_id, presence.conn, left]))
 
-    async def relay(self, node: str, mesh_id: str, frame: bytes) -> bool:
-        data = encoder.encode(Delivery(mesh_id=mesh_id, frame=msgspec.Raw(frame)))
-        return bool(await self._publish(CHANNEL_NODE + node, data))
+    def relay(self, node: str, mesh_id: str, frame: bytes) -> asyncio.Future[int]:
+        return self._publish(CHANNEL_NODE + node, encoder.encode(Delivery(mesh_id=mesh_id, frame=msgspec.Raw(frame))))
 
-    async def broadcast(self, sender: str, frame: bytes) -> None:
-        await self._publish(CHANNEL_BUS, encoder.encode(Fanout(node=self.node, sender=sender, frame=msgspec.Raw(frame))))
+    def broadcast(self, sender: str, frame: bytes) -> asyncio.Future[int]:
+        return self._publish(CHANNEL_BUS, encoder.encode(Fanout(node=self.node, sender=sender, frame=msgspec.Raw(frame))))
 
     async def notify(self, mesh_id: str, *, name: str | None = None, close: bool = False) -> None:
-        await self._publish(CHANNEL_BUS, encoder.encode(Changed(mesh_id, name, close)))
-
-    async def _publish(self, channel: str, data: bytes) -> int:
-        """PUBLISH, pipelined: what every socket publishes meanwhile goes in one round trip."""
         if not self.healthy:
             raise BackplaneUnavailable
+        await self._publish(CHANNEL_BUS, encoder.encode(Changed(mesh_id, name, close)))
+
+    def _publish(self, channel: str, data: bytes) -> asyncio.Future[int]:
+        """PUBLISH, pipelined: what every socket publishes meanwhile goes in one round trip.
+        The future holds how many processes received it (BackplaneUnavailable if Redis failed)."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._outgoing.append((channel, data, future))
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush())
-        return await future
+        return future
 
     async def _flush(self) -> None:
         try:
@@ -1366,34 +1398,11 @@ async def dispatch(peer: Peer, frame: ClientFrame, hub: Hub) -> None:
         case Discover():
             peer.send_frame(DiscoverResult(instances=await hub.instances()))
         case Relay(target_mesh_id=target, payload=payload, id=frame_id):
-            if not admit(peer, frame_id):
-                return
-            try:
-                delivered = await hub.relay(peer, target, payload)
-            except BackplaneUnavailable:
-                peer.send_frame(unavailable(frame_id))
-                return
-            if not delivered:
-                peer.send_frame(
-                    Error(
-                        message=f"mesh {target!r} is not connected",
-                        code=TARGET_OFFLINE,
-                        id=frame_id,
-                        target_mesh_id=target,
-                    )
-                )
-            elif frame_id is not None:
-                peer.send_frame(Ack(id=frame_id, delivered=1))
+            if admit(peer, frame_id):
+                hub.relay(peer, target, payload, frame_id)
         case Broadcast(payload=payload, id=frame_id):
-            if not admit(peer, frame_id):
-                return
-            try:
-                delivered = await hub.broadcast(peer, payload)
-            except BackplaneUnavailable:  # delivered on this process only
-                peer.send_frame(unavailable(frame_id))
-                return
-            if frame_id is not None:
-                peer.send_frame(Ack(id=frame_id, delivered=delivered))
+            if admit(peer, frame_id):
+                hub.broadcast(peer, payload, frame_id)
         case UpdateParticipants(participants=participants):
             await hub.set_participants(peer, participants)
         case UpdateRooms(public_rooms=rooms):

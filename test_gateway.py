@@ -357,7 +357,7 @@ async def test_slow_peer_is_cut_off_at_its_buffer() -> None:
     await hub.attach(stalled, gw.AuthOk(mesh_id="slow", name="slow"))
     fast, fast_sock = await make_peer(hub, "fast")
     for i in range(200):
-        await hub.broadcast(sender, {"type": "x", "message": str(i) * 1000})
+        hub.broadcast(sender, {"type": "x", "message": str(i) * 1000}, None)
         assert stalled.queued <= stalled.limit
         await asyncio.sleep(0)  # let the writers run, as the event loop would between frames
     assert stalled.closing and "slow" not in hub.peers
