@@ -203,12 +203,17 @@ async def relay(spec: Spec, ctx: Context) -> Outcome:
             for c in chunks(pairs, s.relay_workers)
         ]
         await fleet.start(jobs)
+        spread = await server.connected() if isinstance(server, Cluster) else {}
         results, meter = await measured_window(server, fleet, ctx)
     window = statistics.mean(r["window_s"] for r in results)
     lat = latency(results)
-    metrics = {"msgs_per_s": sum(r["count"] for r in results) / window, "p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"]}
+    rate = sum(r["count"] for r in results) / window
+    metrics = {"msgs_per_s": rate, "p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"]}
     metrics.update({f"cpu_pct_{name}": pct for name, pct in meter.parts_pct.items()})  # cluster: per process
-    return outcome(metrics, meter, results)
+    out = outcome(metrics, meter, results)
+    if spread and spread != {port: list(placed.values()).count(port) for port in ports}:
+        out.errors.append(f"meshes per process (port: /health connected) {spread}, not as placed")
+    return out
 
 
 async def _fanout(spec: Spec, ctx: Context, *, rate: float) -> tuple[Outcome, list[dict[str, Any]]]:

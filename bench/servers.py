@@ -274,6 +274,10 @@ class Cluster:
         """The first gateway's /health (`clusterConnected` counts every process's meshes)."""
         return await self.gateways[0].health()
 
+    async def connected(self) -> dict[int, int | None]:
+        """Port -> meshes connected to that process, from each one's /health."""
+        return {g.port: (await g.health() or {}).get("connected") for g in self.gateways}
+
     async def __aenter__(self) -> Cluster:
         await self.start()
         return self
