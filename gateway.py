@@ -744,12 +744,14 @@ class Peer:
         send = self.send_asgi
         try:
             while self.outbox:
-                batch, self.outbox = self.outbox, []
+                # Everything queued is in this batch: it stays counted until all of it is handed over.
+                batch, batch_bytes, self.outbox = self.outbox, self.queued, []
                 for text in batch:
                     if self.dropping:
                         break
                     await send({"type": "websocket.send", "text": text})  # waits while the socket is full
-                    self.queued -= utf8_size(text)
+                if not self.dropping:
+                    self.queued -= batch_bytes
             if self.goodbye is not None:
                 await send({"type": "websocket.close", "code": self.goodbye.code, "reason": self.goodbye.reason})
         except OSError:
@@ -1646,7 +1648,7 @@ class Gateway:
                     continue
                 data = message.get("text")
                 await self._handle(peer, data if data is not None else message.get("bytes") or b"", hub)
-        except Exception:
+        except Exception:  # the one boundary per connection: a bug here closes this socket (1011), no other
             log.exception("mesh %s: connection failed", peer.mesh_id)
             peer.close(CLOSE_INTERNAL, "internal error")
             if peer.writer is not None:

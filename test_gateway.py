@@ -1447,3 +1447,22 @@ async def test_hashing_recovers_when_a_worker_dies() -> None:
             assert await hasher.verify("secret-1", secret_hash)  # new workers took over
     finally:
         await hasher.close()
+
+
+async def test_a_bug_in_one_connection_closes_only_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with running(make_settings(tmp_path)) as g:
+        a, b = await g.node("a"), await g.node("b")
+        real = gw.dispatch
+
+        async def broken(peer: gw.Peer, frame: Any, hub: gw.Hub) -> None:
+            if peer.mesh_id == "a":
+                raise ValueError("a bug")
+            await real(peer, frame, hub)
+
+        monkeypatch.setattr(gw, "dispatch", broken)
+        await a.send(type="gateway_discover")
+        assert (await a.closed()).code == 1011
+        await b.send(type="gateway_relay", targetMeshId="b", payload={"type": "still here"}, id="ok")
+        await b.expect("gateway_incoming", fromMeshId="b")
+        await b.expect("gateway_ack", id="ok", delivered=1)
+        assert (await g.health())["connected"] == 1
