@@ -835,12 +835,11 @@ class Hub:
             return
         del self.peers[peer.mesh_id]
         presence = self.meshes.get(peer.mesh_id)
-        if presence is None or presence.conn != peer.conn:
-            return  # another process took the mesh over
-        self._drop(peer.mesh_id)
-        if presence.participants:
-            self._announce(msgspec.structs.replace(presence, participants=[]))
-        self._spawn(self._withdraw(presence))
+        if presence is not None and presence.conn == peer.conn:  # else another process took the mesh over
+            self._drop(peer.mesh_id)
+            if presence.participants:
+                self._announce(msgspec.structs.replace(presence, participants=[]))
+        self._spawn(self._withdraw(peer.presence(self.node)))  # our own entry in Redis goes either way
 
     async def set_participants(self, peer: Peer, participants: list[Participant]) -> None:
         peer.participants = participants
@@ -903,11 +902,7 @@ class Hub:
             sender.send_frame(unavailable(frame_id))
             return
         published = self.backplane.broadcast(sender.mesh_id or "", data)
-        if frame_id is not None:
-            ack = Ack(id=frame_id, delivered=delivered)
-            published.add_done_callback(
-                lambda done: sender.send_frame(ack if receivers(done) is not None else unavailable(frame_id))
-            )
+        published.add_done_callback(lambda done: answer_broadcast(sender, frame_id, delivered, receivers(done)))
 
     def deliver(self, mesh_id: str, text: str, size: int) -> None:
         peer = self.peers.get(mesh_id)
@@ -994,6 +989,14 @@ def receivers(published: asyncio.Future[int]) -> int | None:
     if published.cancelled() or published.exception() is not None:
         return None
     return published.result()
+
+
+def answer_broadcast(sender: Peer, frame_id: str | None, delivered: int, published: int | None) -> None:
+    """A failed publish is always answered (nothing dropped silently); a done one is acked if it had an id."""
+    if published is None:
+        sender.send_frame(unavailable(frame_id))
+    elif frame_id is not None:
+        sender.send_frame(Ack(id=frame_id, delivered=delivered))
 
 
 def answer_relay(sender: Peer, target: str, frame_id: str | None, delivered: int | bool | None) -> None:

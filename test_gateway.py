@@ -1466,3 +1466,28 @@ async def test_a_bug_in_one_connection_closes_only_it(tmp_path: Path, monkeypatc
         await b.expect("gateway_incoming", fromMeshId="b")
         await b.expect("gateway_ack", id="ok", delivered=1)
         assert (await g.health())["connected"] == 1
+
+
+async def test_moved_mesh_leaves_no_presence_behind(tmp_path: Path) -> None:
+    """A mesh that reconnects through another process, then leaves, is in no process's presence."""
+    import redis.asyncio as aioredis
+
+    async with cluster(tmp_path) as (g, redis, _):
+        b = await g.node("b", addr=g.addrs[2])
+        old = await g.node("a", addr=g.addrs[0])
+        new = await g.node("a", addr=g.addrs[1])
+        assert (await old.closed()).code == 4000
+        await new.ws.close()
+        client = aioredis.Redis.from_url(redis.url)
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                while True:
+                    nodes = await client.smembers(gw.KEY_NODES)
+                    holders = [n for n in nodes if await client.hexists(gw.KEY_PRESENCE + n.decode(), "a")]
+                    if not holders:
+                        break
+                    await asyncio.sleep(0.05)
+        finally:
+            await client.aclose()
+        await g.agree()
+        assert [i["meshId"] for i in await b.discover()] == ["b"]
