@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import logging
 import math
 import multiprocessing
 import os
+import queue
 import re
+import sqlite3
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Annotated, Any, Generic, Literal, Protocol, TypeVar
@@ -56,7 +59,12 @@ class Settings(Struct, frozen=True, kw_only=True, rename="upper"):
 
     port: Annotated[int, Meta(ge=0, le=65535)] = 4000
     host: str = "0.0.0.0"
+    db_path: str = "gateway.db"
     registry_path: str = "registry.json"
+    offline_ttl_s: Annotated[float, Meta(ge=0)] = 86400.0
+    offline_max_messages: PositiveInt = 10000
+    offline_max_bytes: PositiveInt = 268435456
+    confirm_interval_s: PositiveFloat = 1.0
     redis_url: str | None = None
     presence_ttl_s: PositiveFloat = 10.0
     gateway_admin_token: str | None = None
@@ -212,11 +220,13 @@ class Error(Frame, tag="error", omit_defaults=True):
     id: str | None = None
     target_mesh_id: str | None = None
     retry_after_ms: int | None = None
+    count: int | None = None  # messages_dropped: how many
 
 
 class Ack(Frame, tag="gateway_ack"):
     id: str
-    delivered: int
+    delivered: int  # meshes the frame was handed to
+    queued: int = 0  # away meshes it was kept for
 
 
 class FrameHead(Struct):
@@ -246,6 +256,11 @@ ALREADY_AUTHENTICATED = "already_authenticated"
 TARGET_OFFLINE = "target_offline"
 RATE_LIMITED = "rate_limited"
 BACKPLANE_UNAVAILABLE = "backplane_unavailable"
+MESSAGES_DROPPED = "messages_dropped"
+
+# Every frame the hub relays starts so (a tagged struct encodes its tag first): the frames a
+# socket must give back to the mailbox when it ends unconfirmed.
+INCOMING_PREFIX = '{"type":"gateway_incoming"'
 
 # Close codes (also in README.md).
 CLOSE_POLICY = 1008  # bad credentials, auth timeout
@@ -445,6 +460,44 @@ class Registry(Protocol):
     async def close(self) -> None: ...
 
 
+class Mailboxes(Protocol):
+    """Where frames wait for away meshes: SqliteStore, or RedisMailboxes with REDIS_URL.
+    Every call resolves once its change is durable."""
+
+    readers: set[str]  # the away meshes now: a broadcast is kept when one of them is not its sender
+    queued: int  # frames kept, for /health
+
+    def keep(self, sender: str, target: str | None, frame: bytes) -> asyncio.Future[int]:
+        """Keep a relay for `target` if it is away, or a broadcast (target None) for every away mesh
+        but the sender: resolves to how many meshes it was kept for (0: nobody away)."""
+        ...
+
+    def arrive(self, mesh_id: str, requeue: Requeue | None) -> asyncio.Future[Arrival]:
+        """A mesh authenticated (`requeue`: what its replaced socket held): where its mailbox
+        lies; nothing more is kept for it until it leaves."""
+        ...
+
+    def read(self, mesh_id: str, after: int, end: int, limit: int) -> asyncio.Future[list[tuple[int, bytes]]]:
+        """Up to `limit` kept frames after `after`, broadcasts up to `end`, oldest first."""
+        ...
+
+    def spill(self, mesh_id: str, frames: list[bytes]) -> asyncio.Future[None]:
+        """Live frames that waited behind a long catch-up: appended to the mailbox being read."""
+        ...
+
+    def confirm(self, mesh_id: str, seq: int, *, caught_up: bool = False) -> asyncio.Future[None]:
+        """The node confirmed its kept frames up to `seq` (caught_up: and has nothing left to read)."""
+        ...
+
+    def leave(self, mesh_id: str, requeue: Requeue) -> asyncio.Future[None]:
+        """A mesh's socket ended: it is away, with what the socket held first in its mailbox."""
+        ...
+
+    def refresh(self, live: list[str]) -> asyncio.Future[list[str]]:
+        """Periodic: `live` meshes were seen now; expire frames and meshes past OFFLINE_TTL_S."""
+        ...
+
+
 class Put(Struct, tag="put", tag_field="op"):
     mesh: Mesh
 
@@ -456,168 +509,494 @@ class Delete(Struct, tag="delete", tag_field="op", rename="camel"):
 journal_decoder = msgspec.json.Decoder(Put | Delete)
 
 
-def load_registry_file(path: str) -> dict[str, Mesh]:
-    """Our snapshot (or the Node gateway's file: a list of entries, or an object keyed
-    by meshId), then the changes journaled since it was written."""
-    meshes: dict[str, Mesh] = {}
+def read_registry_file(path: str) -> tuple[list[Mesh], str]:
+    """A registry file to import, and a digest of its content. The Node gateway's format (a
+    list of `{meshId, secretHash, name}`, or an object keyed by meshId) or our earlier one
+    (the same plus `created`, with a `<path>.journal` of later changes)."""
+    with open(path, "rb") as file:
+        data = file.read()
     try:
-        with open(path, "rb") as file:
-            data = file.read()
+        with open(f"{path}.journal", "rb") as file:
+            journal = file.read()
+    except FileNotFoundError:
+        journal = b""
+    try:
         raw = msgspec.json.decode(data) if data.strip() else []
         if isinstance(raw, dict):
             raw = [{"meshId": key, **value} for key, value in raw.items()]
         meshes = {mesh.mesh_id: mesh for mesh in msgspec.convert(raw, list[Mesh])}
-    except FileNotFoundError:
-        pass
-    except (msgspec.DecodeError, TypeError) as exc:  # refuse to start rather than overwrite it
+    except (msgspec.DecodeError, TypeError) as exc:  # refuse to start rather than import half of it
         raise RuntimeError(f"registry file {path} is unreadable ({exc}): fix it or move it away") from None
-    for change in read_journal(f"{path}.journal"):
+    lines = journal.split(b"\n")
+    for number, line in enumerate(lines, 1):
+        try:
+            change = journal_decoder.decode(line)
+        except msgspec.DecodeError:
+            if number < len(lines) - 1 and line.strip():  # only a torn last line (never acknowledged) is skipped
+                raise RuntimeError(f"registry journal {path}.journal is unreadable at line {number}") from None
+            continue
         match change:
             case Put(mesh=mesh):
                 meshes[mesh.mesh_id] = mesh
             case Delete(mesh_id=mesh_id):
                 meshes.pop(mesh_id, None)
-    return meshes
+    return list(meshes.values()), hashlib.sha256(data + b"\0" + journal).hexdigest()
+
+# --- Store: the registry and the offline mailboxes in one SQLite database ---------
+# One writer thread owns the connection; the event loop hands it jobs and awaits
+# their futures. Jobs queued meanwhile run in one transaction and share one
+# commit (group commit), so 5,000 concurrent registrations cost a few fsyncs,
+# not 5,000. WAL + synchronous=FULL: a commit is on disk before its answer.
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meshes (
+    mesh_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    secret_hash TEXT NOT NULL,
+    created REAL NOT NULL,
+    last_seen REAL,                      -- last connected; NULL = never authenticated
+    cursor INTEGER NOT NULL DEFAULT 0,   -- mailbox position in `kept` (frames up to it are not this mesh's)
+    dropped INTEGER NOT NULL DEFAULT 0   -- frames dropped past the bounds, told on next auth
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS kept (        -- one shared log: relays (target set) and broadcasts (target NULL)
+    seq INTEGER PRIMARY KEY,
+    target TEXT,
+    sender TEXT NOT NULL,
+    at REAL NOT NULL,
+    frame BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS kept_target ON kept (target, seq);
+CREATE TABLE IF NOT EXISTS imported (digest TEXT PRIMARY KEY) WITHOUT ROWID;
+"""
+
+# A mesh's mailbox: what was relayed to it, and the broadcasts of others, after its cursor.
+MAILBOX = "seq > ? AND (target = ? OR (target IS NULL AND sender != ? AND seq <= ?)) AND at >= ?"
+NO_END = 2**62  # a mailbox bound that excludes nothing
 
 
-def read_journal(path: str) -> list[Put | Delete]:
-    try:
-        with open(path, "rb") as file:
-            lines = file.read().split(b"\n")
-    except FileNotFoundError:
-        return []
-    changes = []
-    for number, line in enumerate(lines, 1):
-        try:
-            changes.append(journal_decoder.decode(line))
-        except msgspec.DecodeError:
-            if number < len(lines) - 1:  # only the last line can be torn (a crash mid-append): it was never acked
-                raise RuntimeError(f"registry journal {path} is unreadable at line {number}") from None
-    return changes
+class StoreError(OSError):
+    """The database refused a change (disk full, unwritable folder): nothing was acknowledged."""
 
 
-def write_atomically(path: str, data: bytes) -> None:
-    """Temp file, fsync, rename, fsync the folder: a crash leaves the old file or the new one."""
-    temp = f"{path}.tmp"
-    with open(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temp, path)
-    fsync_folder(path)
+class Arrival(Struct, frozen=True):
+    """What a mesh that just authenticated catches up on: its kept frames in (cursor, end]."""
+
+    cursor: int
+    end: int
+    dropped: int
 
 
-def fsync_folder(path: str) -> None:
-    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+Job = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
+Done = tuple["asyncio.Future[Any]", Any, BaseException | None]
 
 
-def append_durably(path: str, data: bytes) -> None:
-    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as file:
-        new = file.tell() == 0
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    if new:
-        fsync_folder(path)
+class SqliteStore:
+    """The embedded default: registry and mailboxes in the SQLite file at DB_PATH.
 
-
-def compact(path: str, snapshot: bytes) -> None:
-    """Write the whole registry atomically, then start an empty journal.
-    A crash in between replays the old journal onto the new snapshot: same result."""
-    write_atomically(path, snapshot)
-    with contextlib.suppress(FileNotFoundError):
-        os.truncate(f"{path}.journal", 0)
-
-
-class FileRegistry:
-    """The embedded default: all meshes in memory, durable on disk.
-
-    Each change is appended to `<path>.journal` and fsynced before it is
-    acknowledged; concurrent changes share one append (group commit). Once the
-    journal outgrows the registry, the snapshot `<path>` (plain JSON, the Node
-    gateway's format plus fields) is rewritten atomically and the journal
-    emptied, so disk work per change stays constant however many meshes there are.
+    Mailboxes are a shared log (`kept`) plus each away mesh's position in it, so
+    a broadcast is stored once however many meshes are away. Nothing is written
+    while every mesh is connected, only for away (or returning) meshes.
     """
 
-    COMPACT_AFTER = 1000  # journal lines (at least; more for big registries)
+    CHECK_EVERY_S = 10.0  # TTL expiry and last-seen refresh
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.meshes = load_registry_file(path)
-        self._journal: list[bytes] = []  # changes not yet on disk
-        self._journaled = len(read_journal(f"{path}.journal"))
-        self._version = 0  # bumped by every change
-        self._saved = 0  # the version last made durable
-        self._saving: asyncio.Task[None] | None = None
+    def __init__(self, settings: Settings) -> None:
+        self.path = settings.db_path
+        self.ttl = settings.offline_ttl_s
+        self.max_messages = settings.offline_max_messages
+        self.max_bytes = settings.offline_max_bytes
+        self.readers: set[str] = set()  # event loop: the away meshes a broadcast is kept for
+        self.queued = 0  # event loop: kept frames, as of the last batch
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Thread side (only the writer thread touches these):
+        self._db: sqlite3.Connection | None = None
+        self._away: dict[str, int] = {}  # away mesh -> cursor
+        self._seen: dict[str, float] = {}  # away mesh -> last connected
+        self._catching: dict[str, int] = {}  # returning mesh -> cursor (its rows are still needed)
+        self._count: dict[str, int] = {}  # away mesh -> frames in its mailbox
+        self._bytes = 0
+        self._checkpoint = False
 
-    async def get(self, mesh_id: str) -> Mesh | None:
-        return self.meshes.get(mesh_id)
+    # --- the writer thread ---
 
-    async def put(self, mesh: Mesh, *, expect: Mesh | None) -> bool:
-        return await self._change(mesh.mesh_id, expect, mesh)
-
-    async def delete(self, mesh: Mesh) -> bool:
-        return await self._change(mesh.mesh_id, mesh, None)
-
-    async def _change(self, mesh_id: str, expect: Mesh | None, new: Mesh | None) -> bool:
-        """Compare-and-set in memory, then make it durable; undone if the disk refuses it."""
-        if self.meshes.get(mesh_id) != expect:
-            return False
-        self._set(mesh_id, new)
-        try:
-            await self._commit(Put(new) if new is not None else Delete(mesh_id))
-        except OSError:
-            if self.meshes.get(mesh_id) is new:
-                self._set(mesh_id, expect)
-            raise
-        return True
-
-    def _set(self, mesh_id: str, mesh: Mesh | None) -> None:
-        if mesh is None:
-            self.meshes.pop(mesh_id, None)
-        else:
-            self.meshes[mesh_id] = mesh
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._serve, name="mesh-gateway-db", daemon=True)
+        self._thread.start()
+        self.readers = set(await self.call(self._open))
+        self.queued = sum(self._count.values())
 
     async def close(self) -> None:
-        """Leave one complete snapshot behind (for backups, or the Node gateway)."""
-        if self._saving is not None:
-            with contextlib.suppress(OSError):
-                await self._saving
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, compact, self.path, self._snapshot())
-        except OSError as exc:  # the journal still holds every acknowledged change
-            log.error("registry snapshot not written at shutdown: %s", exc)
+        if self._thread is None:
+            return
+        self._jobs.put(None)
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
 
-    async def _commit(self, change: Put | Delete) -> None:
-        self._journal.append(encoder.encode(change) + b"\n")
-        self._version += 1
-        wanted = self._version
-        while self._saved < wanted:
-            if self._saving is None or self._saving.done():
-                self._saving = asyncio.create_task(self._save())
-            await asyncio.shield(self._saving)
+    def call(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """Run `fn(*args)` in the writer thread, in this batch's transaction; resolves once committed."""
+        assert self._loop is not None, "the store is not started"
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._jobs.put((fn, args, future))
+        return future
 
-    async def _save(self) -> None:
-        version, lines, self._journal = self._version, self._journal, []
-        loop = asyncio.get_running_loop()
+    def _serve(self) -> None:
+        while True:
+            first = self._jobs.get()
+            if first is None:
+                break
+            batch = [first]
+            with contextlib.suppress(queue.Empty):
+                while len(batch) < 4096:
+                    job = self._jobs.get_nowait()
+                    if job is None:
+                        self._jobs.put(None)  # stop after this batch
+                        break
+                    batch.append(job)
+            self._settle(self._run(batch))
+        if self._db is not None:
+            self._db.close()
+
+    def _run(self, batch: list[Job]) -> list[Done]:
+        """Every job of a batch in one transaction, each in a savepoint (a failed job is undone alone)."""
+        if self._db is None:  # only `_open` runs before the database is open
+            return [self._attempt(fn, args, future) for fn, args, future in batch]
+        db = self._db
         try:
-            if self._journaled + len(lines) > max(self.COMPACT_AFTER, len(self.meshes)):
-                await loop.run_in_executor(None, compact, self.path, self._snapshot())
-                self._journaled = 0
-            else:
-                await loop.run_in_executor(None, append_durably, f"{self.path}.journal", b"".join(lines))
-                self._journaled += len(lines)
-        except OSError:
-            self._journaled = sys.maxsize  # lines were lost: the next save rewrites the whole snapshot
+            db.execute("BEGIN IMMEDIATE")
+            done = []
+            for fn, args, future in batch:
+                db.execute("SAVEPOINT job")
+                done.append(self._attempt(fn, args, future))
+                db.execute("ROLLBACK TO job" if done[-1][2] is not None else "RELEASE job")
+                if done[-1][2] is not None:
+                    db.execute("RELEASE job")
+            self._enforce_bytes()
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:  # the commit failed: nothing in this batch happened
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            log.error("database %s: commit failed: %s", self.path, exc)
+            with contextlib.suppress(sqlite3.Error):
+                self._reload()
+            return [(future, None, StoreError(f"database {self.path}: {exc}")) for _, _, future in batch]
+        if self._checkpoint:  # a legacy hash was replaced: leave no copy in the WAL or free pages
+            self._checkpoint = False
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return done
+
+    def _attempt(self, fn: Callable[..., Any], args: tuple[Any, ...], future: asyncio.Future[Any]) -> Done:
+        try:
+            return (future, fn(*args), None)
+        except (sqlite3.Error, OSError) as exc:
+            return (future, None, StoreError(f"database {self.path}: {exc}"))
+        except Exception as exc:  # a bug in one job fails that job, never the writer thread
+            log.exception("database job %s failed", getattr(fn, "__name__", fn))
+            return (future, None, exc)
+
+    def _settle(self, done: list[Done]) -> None:
+        queued = sum(self._count.values())
+        assert self._loop is not None
+
+        def settle() -> None:  # one hand-off to the loop per batch
+            self.queued = queued
+            for future, result, error in done:
+                if future.done():
+                    continue
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(result)
+
+        with contextlib.suppress(RuntimeError):  # the loop is gone (interpreter exit)
+            self._loop.call_soon_threadsafe(settle)
+
+    def _open(self) -> list[str]:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")  # a commit is fsynced before it is answered
+            db.execute("PRAGMA secure_delete=ON")  # freed pages are zeroed (no old secret hash lingers)
+            db.executescript(SCHEMA)
+        except sqlite3.Error:
+            db.close()
             raise
-        self._saved = version
+        self._db = db
+        self._reload()
+        return list(self._away)
 
-    def _snapshot(self) -> bytes:
-        return encoder.encode(list(self.meshes.values()))
+    def _reload(self) -> None:
+        """Rebuild the mailbox state from the database (at start, and after a failed commit)."""
+        db = self._db
+        assert db is not None
+        since = time.time() - self.ttl
+        rows = db.execute("SELECT mesh_id, cursor, last_seen FROM meshes WHERE last_seen > ?", (since,)).fetchall()
+        catching = {mesh_id for mesh_id in self._catching}
+        self._away = {mesh_id: cursor for mesh_id, cursor, _ in rows if mesh_id not in catching}
+        self._seen = {mesh_id: seen for mesh_id, _, seen in rows if mesh_id not in catching}
+        self._count = {mesh_id: self._mailbox_size(mesh_id, cursor) for mesh_id, cursor in self._away.items()}
+        self._bytes = db.execute("SELECT coalesce(sum(length(frame)), 0) FROM kept").fetchone()[0]
+
+    def _db_(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise sqlite3.OperationalError("database not open")
+        return self._db
+
+    def _mailbox_size(self, mesh_id: str, cursor: int, end: int = NO_END) -> int:
+        query = f"SELECT count(*) FROM kept WHERE {MAILBOX}"
+        return self._db_().execute(query, (cursor, mesh_id, mesh_id, end, time.time() - self.ttl)).fetchone()[0]
+
+    def _last_seq(self) -> int:
+        return self._db_().execute("SELECT coalesce(max(seq), 0) FROM kept").fetchone()[0]
+
+    # --- registry (Registry protocol) ---
+
+    async def get(self, mesh_id: str) -> Mesh | None:
+        return await self.call(self._get, mesh_id)
+
+    async def put(self, mesh: Mesh, *, expect: Mesh | None) -> bool:
+        return await self.call(self._put, mesh, expect, is_legacy(expect.secret_hash) if expect else False)
+
+    async def delete(self, mesh: Mesh) -> bool:
+        return await self.call(self._delete, mesh)
+
+    async def import_file(self, path: str) -> None:
+        """Add the meshes of a registry file the database lacks, once per file content."""
+        try:
+            meshes, digest = await asyncio.to_thread(read_registry_file, path)
+        except FileNotFoundError:
+            return
+        added = await self.call(self._import, meshes, digest)
+        if added is not None:
+            log.info("imported %d of %d meshes from %s", added, len(meshes), path)
+
+    def _get(self, mesh_id: str) -> Mesh | None:
+        row = self._db_().execute(
+            "SELECT mesh_id, name, secret_hash, created FROM meshes WHERE mesh_id = ?", (mesh_id,)
+        ).fetchone()
+        return None if row is None else Mesh(*row)
+
+    def _put(self, mesh: Mesh, expect: Mesh | None, legacy: bool) -> bool:
+        if self._get(mesh.mesh_id) != expect:
+            return False
+        self._db_().execute(
+            "INSERT INTO meshes (mesh_id, name, secret_hash, created) VALUES (?, ?, ?, ?) ON CONFLICT (mesh_id)"
+            " DO UPDATE SET name = excluded.name, secret_hash = excluded.secret_hash, created = excluded.created",
+            (mesh.mesh_id, mesh.name, mesh.secret_hash, mesh.created or time.time()),
+        )
+        self._checkpoint |= legacy
+        return True
+
+    def _delete(self, mesh: Mesh) -> bool:
+        if self._get(mesh.mesh_id) != mesh:
+            return False
+        db = self._db_()
+        db.execute("DELETE FROM meshes WHERE mesh_id = ?", (mesh.mesh_id,))
+        self._discard(mesh.mesh_id)
+        return True
+
+    def _import(self, meshes: list[Mesh], digest: str) -> int | None:
+        db = self._db_()
+        if db.execute("SELECT 1 FROM imported WHERE digest = ?", (digest,)).fetchone():
+            return None
+        before = db.total_changes
+        db.executemany(
+            "INSERT OR IGNORE INTO meshes (mesh_id, name, secret_hash, created) VALUES (?, ?, ?, ?)",
+            [(m.mesh_id, m.name, m.secret_hash, m.created or time.time()) for m in meshes],
+        )
+        added = db.total_changes - before
+        db.execute("INSERT INTO imported (digest) VALUES (?)", (digest,))
+        return added
+
+    # --- mailboxes (Mailboxes protocol) ---
+
+    def keep(self, sender: str, target: str | None, frame: bytes) -> asyncio.Future[int]:
+        """Keep a relay for `target` if it is away, or a broadcast for every away mesh but
+        the sender; resolves (once durable) to the number of meshes it was kept for."""
+        return self.call(self._keep, sender, target, frame)
+
+    def arrive(self, mesh_id: str, requeue: Requeue | None) -> asyncio.Future[Arrival]:
+        """A mesh authenticated: its mailbox is (cursor, end]; from now on nothing more is kept for it."""
+        self.readers.discard(mesh_id)
+        return self.call(self._arrive, mesh_id, requeue)
+
+    def read(self, mesh_id: str, after: int, end: int, limit: int) -> asyncio.Future[list[tuple[int, bytes]]]:
+        return self.call(self._read, mesh_id, after, end, limit)
+
+    def spill(self, mesh_id: str, frames: list[bytes]) -> asyncio.Future[None]:
+        return self.call(self._spill, mesh_id, frames)
+
+    def confirm(self, mesh_id: str, seq: int, *, caught_up: bool = False) -> asyncio.Future[None]:
+        """The node confirmed its kept frames up to `seq` (and, caught_up, has read them all)."""
+        return self.call(self._confirm, mesh_id, seq, caught_up)
+
+    def leave(self, mesh_id: str, requeue: Requeue) -> asyncio.Future[None]:
+        """A mesh's socket ended: it is away, its unconfirmed frames first in its mailbox."""
+        self.readers.add(mesh_id)
+        return self.call(self._leave, mesh_id, requeue)
+
+    def refresh(self, live: list[str]) -> asyncio.Future[list[str]]:
+        """Periodic: live meshes were seen now; expire old frames and meshes away too long."""
+        future = self.call(self._refresh, live)
+        future.add_done_callback(self._expired)
+        return future
+
+    def _expired(self, future: asyncio.Future[list[str]]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self.readers.difference_update(future.result())
+
+    def _keep(self, sender: str, target: str | None, frame: bytes) -> int:
+        now = time.time()
+        if target is not None:
+            if target not in self._away or self._seen[target] <= now - self.ttl:
+                return 0
+            receivers = [target]
+        else:
+            receivers = [m for m, seen in self._seen.items() if m != sender and seen > now - self.ttl]
+            if not receivers:
+                return 0
+        self._insert([(target, sender, now, frame)])
+        for mesh_id in receivers:
+            self._count[mesh_id] += 1
+            if self._count[mesh_id] > self.max_messages:
+                self._drop(mesh_id, self._count[mesh_id] - self.max_messages)
+        return len(receivers)
+
+    def _insert(self, rows: list[tuple[str | None, str, float, bytes]]) -> None:
+        self._db_().executemany("INSERT INTO kept (target, sender, at, frame) VALUES (?, ?, ?, ?)", rows)
+        self._bytes += sum(len(row[3]) for row in rows)
+
+    def _arrive(self, mesh_id: str, requeue: Requeue | None) -> Arrival:
+        db = self._db_()
+        if requeue is not None:  # it replaced its own older socket: that one's frames come first
+            self._leave(mesh_id, requeue)
+        row = db.execute("SELECT dropped FROM meshes WHERE mesh_id = ?", (mesh_id,)).fetchone()
+        dropped = row[0] if row else 0
+        end = self._last_seq()
+        cursor = self._away.pop(mesh_id, end)
+        self._seen.pop(mesh_id, None)
+        self._count.pop(mesh_id, None)
+        self._catching[mesh_id] = cursor
+        db.execute(
+            "UPDATE meshes SET last_seen = ?, cursor = ?, dropped = 0 WHERE mesh_id = ?", (time.time(), cursor, mesh_id)
+        )
+        return Arrival(cursor=cursor, end=end, dropped=dropped)
+
+    def _spill(self, mesh_id: str, frames: list[bytes]) -> None:
+        if mesh_id in self._catching:
+            self._insert([(mesh_id, "", time.time(), frame) for frame in frames])
+
+    def _read(self, mesh_id: str, after: int, end: int, limit: int) -> list[tuple[int, bytes]]:
+        query = f"SELECT seq, frame FROM kept WHERE {MAILBOX} ORDER BY seq LIMIT ?"
+        return self._db_().execute(query, (after, mesh_id, mesh_id, end, time.time() - self.ttl, limit)).fetchall()
+
+    def _confirm(self, mesh_id: str, seq: int, caught_up: bool) -> None:
+        if mesh_id in self._catching:
+            self._catching[mesh_id] = max(self._catching[mesh_id], seq)
+            if caught_up:
+                del self._catching[mesh_id]
+        self._db_().execute("UPDATE meshes SET cursor = max(cursor, ?) WHERE mesh_id = ?", (seq, mesh_id))
+        self._delete_rows("target = ? AND seq <= ?", (mesh_id, seq))
+
+    def _leave(self, mesh_id: str, requeue: Requeue) -> None:
+        db = self._db_()
+        now = time.time()
+        if db.execute("SELECT 1 FROM meshes WHERE mesh_id = ?", (mesh_id,)).fetchone() is None:
+            return  # unregistered meanwhile: its mailbox is gone
+        if mesh_id not in self._away:
+            # What the socket held, then what it had not read yet, then what waited behind that,
+            # all after a new cursor: nothing older is this mesh's any more.
+            cursor = self._last_seq()
+            unread = self._read(mesh_id, requeue.read, requeue.end, self.max_messages) if requeue.end else []
+            frames = [*requeue.held, *(bytes(frame) for _, frame in unread), *requeue.backlog]
+            self._insert([(mesh_id, "", now, frame) for frame in frames])
+            self._catching.pop(mesh_id, None)
+            self._delete_rows("target = ? AND seq <= ?", (mesh_id, cursor))
+            self._away[mesh_id] = cursor
+            self._count[mesh_id] = len(frames)
+            db.execute("UPDATE meshes SET cursor = ? WHERE mesh_id = ?", (cursor, mesh_id))
+        elif requeue.held or requeue.backlog:
+            self._insert([(mesh_id, "", now, frame) for frame in [*requeue.held, *requeue.backlog]])
+            self._count[mesh_id] += len(requeue.held) + len(requeue.backlog)
+        self._seen[mesh_id] = now
+        db.execute("UPDATE meshes SET last_seen = ? WHERE mesh_id = ?", (now, mesh_id))
+        if self._count[mesh_id] > self.max_messages:
+            self._drop(mesh_id, self._count[mesh_id] - self.max_messages)
+
+    def _discard(self, mesh_id: str) -> None:
+        self._away.pop(mesh_id, None)
+        self._seen.pop(mesh_id, None)
+        self._count.pop(mesh_id, None)
+        self._catching.pop(mesh_id, None)
+        self._delete_rows("target = ?", (mesh_id,))
+
+    def _refresh(self, live: list[str]) -> list[str]:
+        db = self._db_()
+        now = time.time()
+        last = self._last_seq()
+        db.executemany(
+            "UPDATE meshes SET last_seen = ?, cursor = ? WHERE mesh_id = ?",
+            [(now, self._catching.get(m, last), m) for m in live],
+        )
+        expired = [m for m, seen in self._seen.items() if seen <= now - self.ttl]
+        for mesh_id in expired:
+            self._discard(mesh_id)
+        if self._delete_rows("at < ?", (now - self.ttl,)):
+            self._count = {m: self._mailbox_size(m, cursor) for m, cursor in self._away.items()}
+        self._collect()
+        return expired
+
+    def _delete_rows(self, where: str, args: tuple[Any, ...]) -> int:
+        sizes = self._db_().execute(f"DELETE FROM kept WHERE {where} RETURNING length(frame)", args).fetchall()
+        self._bytes -= sum(size for (size,) in sizes)
+        return len(sizes)
+
+    def _collect(self) -> None:
+        """Broadcasts every away or returning mesh is past are no one's any more."""
+        cursors = [*self._away.values(), *self._catching.values()]
+        self._delete_rows("target IS NULL AND seq <= ?", (min(cursors) if cursors else NO_END,))
+        stale = "target IS NOT NULL AND target NOT IN (SELECT value FROM json_each(?))"
+        self._delete_rows(stale, (msgspec.json.encode([*self._away, *self._catching]).decode(),))
+
+    def _enforce_bytes(self) -> None:
+        """Past OFFLINE_MAX_BYTES in all, the oldest frames of the fullest mailbox go (past
+        OFFLINE_MAX_MESSAGES, those of that mailbox: see `_keep`); the mesh hears how many
+        on its next auth."""
+        while self._bytes > self.max_bytes and self._count:
+            fullest = max(self._count, key=self._count.__getitem__)
+            if self._count[fullest] == 0:
+                break
+            self._drop(fullest, max(1, self._count[fullest] // 16))
+            self._collect()
+
+    def _drop(self, mesh_id: str, n: int) -> None:
+        db = self._db_()
+        cursor = self._away[mesh_id]
+        query = f"SELECT seq FROM kept WHERE {MAILBOX} ORDER BY seq LIMIT 1 OFFSET ?"
+        row = db.execute(query, (cursor, mesh_id, mesh_id, NO_END, time.time() - self.ttl, n - 1)).fetchone()
+        if row is None:
+            return
+        self._away[mesh_id] = row[0]
+        self._count[mesh_id] -= n
+        self._delete_rows("target = ? AND seq <= ?", (mesh_id, row[0]))
+        db.execute(
+            "UPDATE meshes SET cursor = ?, dropped = dropped + ? WHERE mesh_id = ?", (row[0], n, mesh_id)
+        )
+        log.warning("mesh %s: mailbox full, dropped its %d oldest kept frames", mesh_id, n)
+
+
+class Requeue(Struct, frozen=True):
+    """What an ended socket must not lose, in order: `held` (sent and not confirmed, or
+    still queued), its unread kept frames in (read, end], then `backlog` (live frames
+    that waited behind them)."""
+
+    held: list[bytes] = []
+    read: int = 0
+    end: int = 0
+    backlog: list[bytes] = []
 
 
 # --- Hub ----------------------------------------------------------------------
@@ -658,6 +1037,8 @@ class TokenBucket:
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
+# Send a ping now; call back when its pong arrives (False: the socket is closing).
+ConfirmPing = Callable[[Callable[[], None]], bool]
 
 
 class Peer:
@@ -667,19 +1048,27 @@ class Peer:
     hands them to the server; whoever queues a frame never waits for the socket.
     The writer runs only while there is something to send, so an idle
     connection costs no task.
+
+    With offline delivery a handed-over frame stays in `unconfirmed` until the
+    node answers a ping sent after it (the node's WebSocket library handles
+    frames in order and pongs after them). While the mesh catches up on its
+    mailbox (`live` false), live frames wait in `backlog` behind the kept ones.
     """
 
     __slots__ = (
-        "send_asgi", "mesh_id", "name", "conn", "seq", "participants", "public_rooms", "bucket", "on_close",
+        "send_asgi", "mesh_id", "name", "conn", "claimed_ns", "participants", "public_rooms", "bucket", "on_close",
         "outbox", "queued", "limit", "closing", "goodbye", "dropping", "writer", "auth_deadline",
+        "confirm", "tracking", "unconfirmed", "unconfirmed_bytes", "appended", "sending", "sending_at",
+        "confirmed", "ping_at", "confirm_timer", "confirm_interval", "kept_seqs", "on_confirm",
+        "live", "backlog", "backlog_bytes", "held", "read_pos", "end", "spills", "space", "all_confirmed",
     )  # fmt: skip
 
-    def __init__(self, send: Send, settings: Settings) -> None:
+    def __init__(self, send: Send, settings: Settings, confirm: ConfirmPing | None = None) -> None:
         self.send_asgi = send
         self.mesh_id: str | None = None
         self.name = ""
         self.conn = os.urandom(8).hex()
-        self.seq = 0  # when it claimed its mesh (ns), set by the hub
+        self.claimed_ns = 0  # when it claimed its mesh, set by the hub: the later claim wins
         self.participants: list[Participant] = []
         self.public_rooms: list[str] = []
         self.bucket = TokenBucket(settings.rate_limit_per_min)
@@ -689,26 +1078,68 @@ class Peer:
         self.limit = max(settings.send_buffer_bytes - TRANSPORT_HIGH_WATER, settings.send_buffer_bytes // 2)
         self.closing = False
         self.goodbye: Close | None = None  # sent once the outbox is empty
-        self.dropping = False  # cut off: what is still queued is dropped, not sent
+        self.dropping = False  # cut off: what is still queued is not sent
         self.writer: asyncio.Task[None] | None = None
         self.auth_deadline: asyncio.TimerHandle | None = None
+        # Confirmation (offline delivery only): frames are numbered in the order they are queued.
+        offline = settings.offline_ttl_s > 0
+        self.confirm = confirm if offline else None
+        self.tracking = self.confirm is not None  # else a frame counts as delivered once handed over
+        self.confirm_interval = settings.confirm_interval_s
+        self.unconfirmed: deque[str] = deque()
+        self.unconfirmed_bytes = 0
+        self.appended = 0  # frames ever queued
+        self.confirmed = 0  # frames confirmed (or, not tracking, handed over)
+        self.sending: list[str] = []  # the writer's batch, handed over up to `sending_at`
+        self.sending_at = 0
+        self.ping_at = -1  # frames covered by the confirmation ping in flight (-1: none)
+        self.confirm_timer: asyncio.TimerHandle | None = None
+        self.kept_seqs: deque[tuple[int, int]] = deque()  # (frame number, mailbox seq) of kept frames sent
+        self.on_confirm: Callable[[Peer, int], None] | None = None  # kept frames confirmed up to a seq
+        self.all_confirmed = asyncio.Event()
+        # Catching up (offline delivery only): the hub sets `live` false until the mailbox is read.
+        self.live = True
+        self.backlog: list[str] = []
+        self.backlog_bytes = 0
+        self.held: dict[str, ParticipantGroup] = {}  # participant groups announced while catching up
+        self.read_pos = 0  # mailbox read up to this seq
+        self.end = 0  # the mailbox's broadcasts end here (later ones arrive live)
+        self.spills = 0  # backlog spills to the mailbox so far
+        self.space = asyncio.Event()
 
     def send(self, text: str, size: int) -> bool:
         """Queue one text frame of `size` bytes; a peer that stops reading is cut off, not waited for."""
         if self.closing:
             return False
-        if self.queued + size > self.limit:
-            log.warning("mesh %s: send buffer full, closing", self.mesh_id)
-            self.close(CLOSE_TRY_AGAIN, "send buffer full", flush=False)
-            return False
         self.outbox.append(text)
         self.queued += size
+        self.appended += 1
+        if self.queued > self.limit or self.unconfirmed_bytes > 4 * self.limit:
+            log.warning("mesh %s: send buffer full, closing", self.mesh_id)
+            self.close(CLOSE_TRY_AGAIN, "send buffer full", flush=False)  # its frames are kept, not lost
+            return False
         self._wake()
         return True
 
     def send_frame(self, frame: Frame) -> bool:
-        data = encoder.encode(frame)
+        return self.send_bytes(encoder.encode(frame))
+
+    def send_bytes(self, data: bytes) -> bool:
         return self.send(data.decode(), len(data))
+
+    def deliver(self, text: str, size: int) -> bool:
+        """A live frame for this mesh: sent now, or, while it catches up, after its kept frames."""
+        if self.live or self.closing:
+            return self.send(text, size)
+        self.backlog.append(text)
+        self.backlog_bytes += size
+        return True
+
+    def send_kept(self, data: bytes, seq: int) -> None:
+        """A frame from the mailbox: confirmed, it moves the mailbox's stored position."""
+        self.read_pos = seq  # before `send`: a cut-off there releases this frame with what was sent
+        self.kept_seqs.append((self.appended, seq))
+        self.send(data.decode(), len(data))
 
     def close(self, code: int, reason: str = "", *, flush: bool = True) -> None:
         """Close after what is queued (or, with flush=False, instead of it)."""
@@ -718,11 +1149,44 @@ class Peer:
         self.goodbye = Close(code, reason)
         if not flush:
             self.dropping = True
+        if self.confirm_timer is not None:
+            self.confirm_timer.cancel()
+        self.all_confirmed.set()
+        self.space.set()
+        if self.on_close is not None:
+            self.on_close(self)  # the hub takes its unconfirmed frames now (release)
+        if not flush:
             self.outbox = []
             self.queued = 0
         self._wake()
-        if self.on_close is not None:
-            self.on_close(self)
+
+    def release(self) -> Requeue:
+        """Take every gateway_incoming frame not confirmed yet, in order, for the mailbox."""
+        held = [*self.unconfirmed, *self.sending[self.sending_at :], *self.outbox]
+        requeue = Requeue(
+            held=[text.encode() for text in held if text.startswith(INCOMING_PREFIX)],
+            read=self.read_pos,
+            end=self.end,
+            backlog=[text.encode() for text in self.backlog],
+        )
+        self.unconfirmed.clear()
+        self.unconfirmed_bytes = 0
+        self.sending, self.sending_at = [], 0
+        self.outbox, self.queued = [], 0
+        self.backlog, self.backlog_bytes = [], 0
+        self.kept_seqs.clear()
+        self.dropping = True
+        return requeue
+
+    def go_live(self) -> None:
+        """Caught up: what waited behind the kept frames follows them."""
+        self.live = True
+        backlog, self.backlog, self.backlog_bytes = self.backlog, [], 0
+        for text in backlog:
+            self.send(text, utf8_size(text))
+        if self.held:
+            self.send_frame(Participants(remote_participants=list(self.held.values())))
+            self.held = {}
 
     def presence(self, node: str) -> Presence:
         return Presence(
@@ -730,10 +1194,20 @@ class Peer:
             name=self.name,
             node=node,
             conn=self.conn,
-            seq=self.seq,
+            claimed_ns=self.claimed_ns,
             public_rooms=self.public_rooms,
             participants=self.participants,
         )
+
+    def has_room(self) -> bool:
+        return self.queued + self.unconfirmed_bytes <= self.limit // 2
+
+    async def has_space(self) -> None:
+        """Until what the gateway holds for this peer is under half its buffer (or it closes)."""
+        while not self.closing and not self.has_room():
+            self.space.clear()
+            self._ask_soon()
+            await self.space.wait()
 
     def _wake(self) -> None:
         if self.writer is None:
@@ -743,21 +1217,76 @@ class Peer:
         """Send until the outbox is empty (then the close, if one was asked for), and end."""
         send = self.send_asgi
         try:
-            while self.outbox:
+            while self.outbox and not self.dropping:
                 # Everything queued is in this batch: it stays counted until all of it is handed over.
                 batch, batch_bytes, self.outbox = self.outbox, self.queued, []
+                self.sending, self.sending_at = batch, 0
                 for text in batch:
                     if self.dropping:
                         break
+                    self.sending_at += 1  # handed over once `send` is called (it may fail after writing)
+                    if self.tracking:
+                        self.unconfirmed.append(text)
+                        self.unconfirmed_bytes += len(text)
                     await send({"type": "websocket.send", "text": text})  # waits while the socket is full
-                if not self.dropping:
-                    self.queued -= batch_bytes
+                if self.dropping:
+                    break
+                self.sending, self.sending_at = [], 0
+                self.queued -= batch_bytes
+                if self.tracking:
+                    self._ask_soon()
+                else:
+                    self._confirmed(self.confirmed + len(batch))
+                if self.queued + self.unconfirmed_bytes <= self.limit // 2:
+                    self.space.set()
             if self.goodbye is not None:
                 await send({"type": "websocket.close", "code": self.goodbye.code, "reason": self.goodbye.reason})
         except OSError:
             pass  # the client is gone: the reader sees the disconnect and tears the peer down
         finally:
             self.writer = None
+
+    # --- confirmation by the node ---
+
+    def _ask_soon(self) -> None:
+        """Ask for a confirmation within CONFIRM_INTERVAL_S (at once when a lot waits)."""
+        if not self.unconfirmed or self.ping_at >= 0 or self.closing:
+            return
+        if self.unconfirmed_bytes > self.limit // 4:
+            self._ask()
+        elif self.confirm_timer is None:
+            self.confirm_timer = asyncio.get_running_loop().call_later(self.confirm_interval, self._ask)
+
+    def _ask(self) -> None:
+        self.confirm_timer = None
+        if self.closing or self.ping_at >= 0 or not self.unconfirmed or self.confirm is None:
+            return
+        upto = self.confirmed + len(self.unconfirmed)
+        if self.confirm(lambda: self._confirmed(upto)):
+            self.ping_at = upto
+
+    def _confirmed(self, upto: int) -> None:
+        """The node handled every frame numbered below `upto`."""
+        if self.closing:
+            return
+        while self.confirmed < upto and self.unconfirmed:
+            self.unconfirmed_bytes -= len(self.unconfirmed.popleft())
+            self.confirmed += 1
+        self.confirmed = max(self.confirmed, upto)
+        if self.ping_at == upto:
+            self.ping_at = -1
+        seq = 0
+        while self.kept_seqs and self.kept_seqs[0][0] < upto:
+            seq = self.kept_seqs.popleft()[1]
+        if seq and self.on_confirm is not None:
+            self.on_confirm(self, seq)
+        if not self.unconfirmed:
+            self.all_confirmed.set()
+        else:
+            self.all_confirmed.clear()
+            self._ask_soon()
+        if self.queued + self.unconfirmed_bytes <= self.limit // 2:
+            self.space.set()
 
 
 class BackplaneUnavailable(Exception):
@@ -771,7 +1300,7 @@ class Presence(Struct, frozen=True, rename="camel"):
     name: str
     node: str  # the process that holds the socket
     conn: str  # the connection; a newer one replaces it
-    seq: int  # claim time (ns): the later claim of a mesh wins
+    claimed_ns: int  # when the connection claimed the mesh: the later claim wins
     public_rooms: list[str] = []
     participants: list[Participant] = []
 
@@ -779,16 +1308,20 @@ class Presence(Struct, frozen=True, rename="camel"):
 class Hub:
     """Every connected mesh: `peers` are the sockets on this process, `meshes` the
     whole cluster's view (this process's included). The backplane moves what
-    crosses processes; with MemoryBackplane there is only this process."""
+    crosses processes; with MemoryBackplane there is only this process.
+    `mailboxes` keeps frames for away meshes (None: offline delivery off)."""
 
-    def __init__(self, settings: Settings, backplane: Backplane) -> None:
+    CATCH_UP_ROWS = 512  # kept frames read per database round trip
+
+    def __init__(self, settings: Settings, backplane: Backplane, mailboxes: Mailboxes | None = None) -> None:
         self.settings = settings
         self.backplane = backplane
+        self.mailboxes = mailboxes if settings.offline_ttl_s > 0 else None
         self.node = backplane.node
         self.peers: dict[str, Peer] = {}
         self.meshes: dict[str, Presence] = {}
         self.populated: dict[str, Presence] = {}  # the meshes that have participants (a new mesh gets them)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
     def healthy(self) -> bool:
@@ -809,37 +1342,128 @@ class Hub:
     # --- this process's peers ---
 
     async def attach(self, peer: Peer, greeting: Frame) -> None:
-        """Make `peer` the mesh's one live connection, tell the cluster, then greet the
-        peer and exchange participant lists."""
+        """Make `peer` the mesh's one live connection, tell the cluster, greet the peer,
+        exchange participant lists, then deliver what was kept for it."""
         mesh_id = peer.mesh_id
         assert mesh_id is not None
         old = self.peers.get(mesh_id)
         before = self.meshes.get(mesh_id)
-        peer.seq = time.time_ns()
+        peer.claimed_ns = time.time_ns()
         peer.on_close = self.forget
+        peer.on_confirm = self._confirmed
+        peer.live = self.mailboxes is None
+        peer.tracking = peer.tracking and self.mailboxes is not None
         self.peers[mesh_id] = peer
         presence = self._put(peer.presence(self.node))
+        requeue = old.release() if old is not None and self.mailboxes is not None else None
         if old is not None:
             old.close(CLOSE_REPLACED, "replaced")  # its teardown no longer matches: it changes nothing
+        arrival = self.mailboxes.arrive(mesh_id, requeue) if self.mailboxes is not None else None
         await self._publish(presence)
         peer.send_frame(greeting)
+        if arrival is not None:
+            await self._arrived(peer, arrival)
         groups = [group(p) for p in self.populated.values() if p.mesh_id != mesh_id]
         if groups:
             peer.send_frame(Participants(remote_participants=groups))
         if presence.participants or (before is not None and before.participants):
             self._announce(presence)
 
+    async def _arrived(self, peer: Peer, arrival: asyncio.Future[Arrival]) -> None:
+        try:
+            kept = await arrival
+        except StoreError as exc:  # the mailbox stays stored: it is delivered on a later auth
+            log.error("mesh %s: mailbox unreadable (%s): live frames only", peer.mesh_id, exc)
+            peer.go_live()
+            return
+        if kept.dropped:
+            message = f"{kept.dropped} kept frames were dropped (mailbox full or expired)"
+            peer.send_frame(Error(message=message, code=MESSAGES_DROPPED, count=kept.dropped))
+        peer.read_pos, peer.end = kept.cursor, kept.end
+        await self._catch_up(peer, inline=True)
+
+    async def _catch_up(self, peer: Peer, *, inline: bool = False) -> None:
+        """Deliver the mailbox at the socket's pace, then what waited behind it, then go live.
+        `inline` (from the auth handler): a short mailbox is through before the node's next
+        frame is read; one that must wait for the socket goes on in its own task."""
+        assert self.mailboxes is not None and peer.mesh_id is not None
+        while not peer.closing:
+            spills = peer.spills
+            try:
+                rows = await self.mailboxes.read(peer.mesh_id, peer.read_pos, peer.end, self.CATCH_UP_ROWS)
+            except StoreError as exc:
+                log.error("mesh %s: mailbox read failed (%s): closing so it catches up later", peer.mesh_id, exc)
+                peer.close(CLOSE_TRY_AGAIN, "mailbox unavailable", flush=False)
+                return
+            for seq, frame in rows:
+                if peer.closing:
+                    return  # released: what was not read is still stored
+                if inline and not peer.has_room():
+                    self._spawn(self._catch_up(peer))
+                    return
+                await peer.has_space()
+                peer.send_kept(frame, seq)
+            if len(rows) < self.CATCH_UP_ROWS and peer.spills == spills:
+                break
+            if inline:
+                self._spawn(self._catch_up(peer))
+                return
+        if peer.closing:
+            return
+        peer.go_live()
+        if not peer.kept_seqs:
+            self._spawn(self.mailboxes.confirm(peer.mesh_id, peer.read_pos, caught_up=True))
+
+    def _confirmed(self, peer: Peer, seq: int) -> None:
+        if self.mailboxes is not None and peer.mesh_id is not None:
+            caught_up = peer.live and not peer.kept_seqs
+            self._spawn(self.mailboxes.confirm(peer.mesh_id, seq, caught_up=caught_up))
+
+    def _spill(self, peer: Peer) -> None:
+        """A long catch-up: what waits behind it goes to the mailbox instead of memory,
+        unless the socket itself stopped reading (then it is cut off, as any full buffer)."""
+        if self.mailboxes is None or peer.mesh_id is None or peer.backlog_bytes <= peer.limit // 2:
+            return
+        if peer.queued > peer.limit // 2:
+            log.warning("mesh %s: send buffer full while catching up, closing", peer.mesh_id)
+            peer.close(CLOSE_TRY_AGAIN, "send buffer full", flush=False)
+            return
+        frames = [text.encode() for text in peer.backlog]
+        peer.backlog, peer.backlog_bytes = [], 0
+        peer.spills += 1
+        self._spawn(self.mailboxes.spill(peer.mesh_id, frames))
+
     def forget(self, peer: Peer) -> None:
-        """Drop `peer` unless a newer connection already replaced it; no ghost participants remain."""
+        """Drop `peer` unless a newer connection already replaced it; no ghost participants
+        remain, and what it had not confirmed is kept for its return."""
         if peer.mesh_id is None or self.peers.get(peer.mesh_id) is not peer:
             return
         del self.peers[peer.mesh_id]
+        if self.mailboxes is not None:
+            self._spawn(self.mailboxes.leave(peer.mesh_id, peer.release()))
         presence = self.meshes.get(peer.mesh_id)
         if presence is not None and presence.conn == peer.conn:  # else another process took the mesh over
             self._drop(peer.mesh_id)
             if presence.participants:
                 self._announce(msgspec.structs.replace(presence, participants=[]))
         self._spawn(self._withdraw(peer.presence(self.node)))  # our own entry in Redis goes either way
+
+    def drain_soon(self, peer: Peer) -> None:
+        self._spawn(self.drain(peer))
+
+    async def drain(self, peer: Peer) -> None:
+        """Shutdown: have the node confirm what it was sent (up to 2 s), keep the rest, then 1012."""
+        peer.dropping = True  # send nothing more: it is kept instead
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2):
+                peer._ask()
+                await peer.all_confirmed.wait()
+        if self.mailboxes is not None and peer.mesh_id is not None and self.peers.get(peer.mesh_id) is peer:
+            del self.peers[peer.mesh_id]
+            with contextlib.suppress(StoreError):
+                await self.mailboxes.leave(peer.mesh_id, peer.release())
+            self.peers.setdefault(peer.mesh_id, peer)  # forget() still withdraws its presence
+        peer.close(CLOSE_RESTART, "service restart", flush=False)
 
     async def set_participants(self, peer: Peer, participants: list[Participant]) -> None:
         peer.participants = participants
@@ -858,11 +1482,19 @@ class Hub:
         except BackplaneUnavailable:
             log.warning("mesh %s: backplane down, announced on this process only", presence.mesh_id)
 
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        """Run a backplane update without holding up the caller (kept until done)."""
-        task = asyncio.create_task(coroutine)
+    def _spawn(self, awaitable: Awaitable[Any]) -> None:
+        """Run a background update without holding up the caller (kept until done; failures logged)."""
+        task = asyncio.ensure_future(awaitable)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Future[Any]) -> None:
+        self._tasks.discard(task)  # type: ignore[arg-type]
+        error = None if task.cancelled() else task.exception()
+        if isinstance(error, StoreError):
+            log.error("database write failed: %s", error)
+        elif error is not None:  # a bug: never silent
+            log.error("background task failed", exc_info=error)
 
     async def _withdraw(self, presence: Presence) -> None:
         try:
@@ -870,51 +1502,83 @@ class Hub:
         except BackplaneUnavailable:
             log.warning("mesh %s: backplane down, its presence expires by TTL", presence.mesh_id)
 
+    async def refresh_forever(self) -> None:
+        """Offline delivery's housekeeping: last-seen times, TTL expiry, unreferenced frames."""
+        if self.mailboxes is None:
+            return
+        while True:
+            await asyncio.sleep(SqliteStore.CHECK_EVERY_S)
+            with contextlib.suppress(StoreError, BackplaneUnavailable):
+                await self.mailboxes.refresh([m for m, peer in self.peers.items() if peer.live])
+
     # --- relaying ---
 
-    def incoming(self, sender: Peer, payload: Any) -> bytes:
+    def encode_incoming(self, sender: Peer, payload: Any) -> bytes:
         payload = federate(payload)
         return encoder.encode(Incoming(from_mesh_id=sender.mesh_id or "", from_mesh_name=sender.name, payload=payload))
 
     def relay(self, sender: Peer, target: str, payload: Any, frame_id: str | None) -> None:
-        """Deliver to one mesh, here or on its process, and answer the sender: an ack
-        (if it gave an id) or an error. Across processes the answer comes when Redis
-        confirms, so the sender's next frames are read meanwhile."""
+        """Deliver to one mesh, here or on its process, or keep it if the mesh is away; answer
+        the sender: an ack (if it gave an id) or an error. Across processes the answer comes
+        when Redis confirms, so the sender's next frames are read meanwhile."""
+        data = self.encode_incoming(sender, payload)
         peer = self.peers.get(target)
-        if peer is not None:
-            data = self.incoming(sender, payload)
-            answer_relay(sender, target, frame_id, peer.send(data.decode(), len(data)))
+        if peer is not None and self.deliver(target, data):
+            answer_relay(sender, target, frame_id, 1)
         elif not self.healthy:
             sender.send_frame(unavailable(frame_id))
-        elif (presence := self.meshes.get(target)) is None:
-            answer_relay(sender, target, frame_id, False)
+        elif peer is None and (presence := self.meshes.get(target)) is not None:
+            published = self.backplane.relay(presence.node, target, data)
+            published.add_done_callback(lambda done: self._relayed(sender, target, data, frame_id, receivers(done)))
         else:
-            published = self.backplane.relay(presence.node, target, self.incoming(sender, payload))
-            published.add_done_callback(lambda done: answer_relay(sender, target, frame_id, receivers(done)))
+            self._keep(sender, target, data, frame_id)
+
+    def _relayed(self, sender: Peer, target: str, data: bytes, frame_id: str | None, delivered: int | None) -> None:
+        if delivered == 0:  # published to a process that is gone: kept, not lost
+            self._keep(sender, target, data, frame_id)
+        else:
+            answer_relay(sender, target, frame_id, delivered)
+
+    def _keep(self, sender: Peer, target: str, data: bytes, frame_id: str | None) -> None:
+        if self.mailboxes is None:
+            answer_relay(sender, target, frame_id, 0)
+            return
+        kept = self.mailboxes.keep(sender.mesh_id or "", target, data)
+        kept.add_done_callback(lambda done: answer_relay(sender, target, frame_id, 0, queued=stored(done)))
 
     def broadcast(self, sender: Peer, payload: Any, frame_id: str | None) -> None:
-        """Encode once; deliver here, publish once for the other processes. The ack counts
-        the meshes connected cluster-wide, less the sender."""
-        data = self.incoming(sender, payload)
-        self.fan_out(sender.mesh_id or "", data.decode(), len(data))
+        """Encode once; deliver here, publish once for the other processes, keep once for
+        every away mesh. The ack counts the meshes connected cluster-wide, less the sender."""
+        data = self.encode_incoming(sender, payload)
+        mesh_id = sender.mesh_id or ""
+        self.fan_out(mesh_id, data)
         delivered = len(self.meshes) - 1
         if not self.healthy:  # delivered on this process only
             sender.send_frame(unavailable(frame_id))
             return
-        published = self.backplane.broadcast(sender.mesh_id or "", data)
-        published.add_done_callback(lambda done: answer_broadcast(sender, frame_id, delivered, receivers(done)))
+        answers = [self.backplane.broadcast(mesh_id, data)]
+        readers = self.mailboxes.readers if self.mailboxes is not None else ()
+        if readers and (len(readers) > 1 or mesh_id not in readers):
+            answers.append(self.mailboxes.keep(mesh_id, None, data))  # type: ignore[union-attr]
+        done = asyncio.gather(*answers, return_exceptions=True)
+        done.add_done_callback(lambda results: answer_broadcast(sender, frame_id, delivered, results.result()))
 
-    def deliver(self, mesh_id: str, text: str, size: int) -> None:
+    def deliver(self, mesh_id: str, data: bytes) -> bool:
+        """A live frame for a mesh on this process (False: not here, or closing)."""
         peer = self.peers.get(mesh_id)
-        if peer is not None:
-            peer.send(text, size)
+        if peer is None or not peer.deliver(data.decode(), len(data)):
+            return False
+        if peer.backlog_bytes > peer.limit // 2:
+            self._spill(peer)
+        return True
 
-    def fan_out(self, sender: str, text: str, size: int) -> None:
+    def fan_out(self, sender: str, data: bytes) -> None:
+        text, size = data.decode(), len(data)
         for peer in list(self.peers.values()):
-            if peer.mesh_id != sender:
-                peer.send(text, size)
+            if peer.mesh_id != sender and peer.deliver(text, size) and peer.backlog_bytes > peer.limit // 2:
+                self._spill(peer)
 
-    async def instances(self) -> list[Instance]:
+    def instances(self) -> list[Instance]:
         """Every connected mesh; only this process's while the backplane is down."""
         meshes = self.meshes.values() if self.healthy else (p.presence(self.node) for p in self.peers.values())
         return [Instance(mesh_id=p.mesh_id, name=p.name, public_rooms=p.public_rooms) for p in meshes]
@@ -927,7 +1591,7 @@ class Hub:
             return
         mesh_id = presence.mesh_id
         local = self.peers.get(mesh_id)
-        if local is not None and local.seq > presence.seq:
+        if local is not None and local.claimed_ns > presence.claimed_ns:
             return  # ours is the newer claim: the other process yields
         before = self.meshes.get(mesh_id)
         self._put(presence)
@@ -971,8 +1635,16 @@ class Hub:
 
     def _announce(self, presence: Presence) -> None:
         """Send a mesh's participant group to every other mesh on this process."""
-        data = encoder.encode(Participants(remote_participants=[group(presence)]))
-        self.fan_out(presence.mesh_id, data.decode(), len(data))
+        announced = group(presence)
+        data = encoder.encode(Participants(remote_participants=[announced]))
+        text, size = data.decode(), len(data)
+        for peer in list(self.peers.values()):
+            if peer.mesh_id == presence.mesh_id:
+                continue
+            if peer.live:
+                peer.send(text, size)
+            else:  # catching up: it gets the latest group once its kept frames are through
+                peer.held[presence.mesh_id] = announced
 
     async def close_all(self, code: int, reason: str) -> None:
         """Close every socket, wait (briefly) for the closes and the cluster to hear of them."""
@@ -991,22 +1663,30 @@ def receivers(published: asyncio.Future[int]) -> int | None:
     return published.result()
 
 
-def answer_broadcast(sender: Peer, frame_id: str | None, delivered: int, published: int | None) -> None:
-    """A failed publish is always answered (nothing dropped silently); a done one is acked if it had an id."""
-    if published is None:
+def stored(kept: asyncio.Future[int]) -> int | None:
+    """For how many away meshes a frame was kept; None if it could not be stored."""
+    if kept.cancelled() or kept.exception() is not None:
+        return None
+    return kept.result()
+
+
+def answer_broadcast(sender: Peer, frame_id: str | None, delivered: int, results: list[Any]) -> None:
+    """A failed publish or store is always answered (nothing dropped silently); a done one is acked if it had an id."""
+    if any(isinstance(result, BaseException) for result in results):
         sender.send_frame(unavailable(frame_id))
     elif frame_id is not None:
-        sender.send_frame(Ack(id=frame_id, delivered=delivered))
+        queued = results[1] if len(results) > 1 else 0
+        sender.send_frame(Ack(id=frame_id, delivered=delivered, queued=queued))
 
 
-def answer_relay(sender: Peer, target: str, frame_id: str | None, delivered: int | bool | None) -> None:
-    if delivered is None:
+def answer_relay(sender: Peer, target: str, frame_id: str | None, delivered: int | None, *, queued: int | None = 0) -> None:
+    if delivered is None or queued is None:
         sender.send_frame(unavailable(frame_id))
-    elif not delivered:
+    elif not delivered and not queued:
         message = f"mesh {target!r} is not connected"
         sender.send_frame(Error(message=message, code=TARGET_OFFLINE, id=frame_id, target_mesh_id=target))
     elif frame_id is not None:
-        sender.send_frame(Ack(id=frame_id, delivered=1))
+        sender.send_frame(Ack(id=frame_id, delivered=delivered, queued=queued))
 
 
 def group(presence: Presence) -> ParticipantGroup:
@@ -1298,9 +1978,9 @@ class RedisBackplane:
             return
         match message:
             case Delivery(mesh_id=mesh_id, frame=frame):
-                self.hub.deliver(mesh_id, bytes(frame).decode(), len(frame))
+                self.hub.deliver(mesh_id, bytes(frame))
             case Fanout(node=node, sender=sender, frame=frame) if node != self.node:
-                self.hub.fan_out(sender, bytes(frame).decode(), len(frame))
+                self.hub.fan_out(sender, bytes(frame))
             case Joined(presence=presence):
                 self.hub.apply(presence)
             case Left(mesh_id=mesh_id, conn=conn):
@@ -1343,7 +2023,7 @@ class RedisBackplane:
             for raw in entries.values() if node != self.node else ():
                 presence = presence_decoder.decode(raw)
                 seen = remote.get(presence.mesh_id)
-                if seen is None or seen.seq < presence.seq:
+                if seen is None or seen.claimed_ns < presence.claimed_ns:
                     remote[presence.mesh_id] = presence
         if dead:
             await self.redis.srem(KEY_NODES, *dead)
@@ -1353,15 +2033,13 @@ class RedisBackplane:
 async def import_registry_file(client: Any, path: str) -> None:
     """Moving from one process to many: add the file's meshes Redis lacks, once per file content."""
     try:
-        with open(path, "rb") as file:
-            digest = hashlib.sha256(file.read()).hexdigest()
+        meshes, digest = read_registry_file(path)
     except FileNotFoundError:
         return
     if await client.sismember(KEY_IMPORTED, digest):
         return
-    meshes = load_registry_file(path)
     pipe = client.pipeline(transaction=False)
-    for mesh in meshes.values():
+    for mesh in meshes:
         pipe.hsetnx(KEY_REGISTRY, mesh.mesh_id, encoder.encode(mesh))
     added = sum(await pipe.execute())
     await client.sadd(KEY_IMPORTED, digest)
@@ -1401,7 +2079,7 @@ async def dispatch(peer: Peer, frame: ClientFrame, hub: Hub) -> None:
     """Handle one decoded frame from an authenticated peer."""
     match frame:
         case Discover():
-            peer.send_frame(DiscoverResult(instances=await hub.instances()))
+            peer.send_frame(DiscoverResult(instances=hub.instances()))
         case Relay(target_mesh_id=target, payload=payload, id=frame_id):
             if admit(peer, frame_id):
                 hub.relay(peer, target, payload, frame_id)
@@ -1516,28 +2194,40 @@ class Gateway:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: object = None) -> AsyncIterator[None]:
-        """Open the registry, backplane and hub; on exit close every socket (1012) and persist."""
-        backplane: Backplane
-        if self.settings.redis_url:
-            backplane = RedisBackplane(self.settings)
-            self._registry = RedisRegistry(backplane)
-        else:
-            backplane = MemoryBackplane()
-            self._registry = FileRegistry(self.settings.registry_path)
-        hub = self._hub = Hub(self.settings, backplane)
-        self._hasher = Hasher()
-        await self._hasher.start()
-        await backplane.start(hub)
-        log.info("gateway ready (%s)", "Redis backplane" if self.settings.redis_url else self.settings.registry_path)
-        try:
+        """Open the store, backplane and hub; on exit close every socket (1012) and persist."""
+        settings = self.settings
+        async with contextlib.AsyncExitStack() as stack:
+            hasher = Hasher()
+            stack.push_async_callback(hasher.close)
+            await hasher.start()
+            backplane: Backplane
+            if settings.redis_url:
+                backplane = RedisBackplane(settings)
+                registry: Registry = RedisRegistry(backplane)
+                mailboxes: Mailboxes | None = None
+                where = "Redis"
+            else:
+                store = SqliteStore(settings)
+                stack.push_async_callback(store.close)
+                await store.start()
+                await store.import_file(settings.registry_path)
+                backplane, registry, mailboxes = MemoryBackplane(), store, store
+                where = settings.db_path
+            hub = Hub(settings, backplane, mailboxes)
+            stack.push_async_callback(backplane.stop)
+            await backplane.start(hub)
+            refresher = asyncio.create_task(hub.refresh_forever())
+            stack.callback(refresher.cancel)
+            self._hub, self._registry, self._hasher = hub, registry, hasher
+            stack.callback(self._stopped)
+            stack.push_async_callback(hub.close_all, CLOSE_RESTART, "service restart")
+            offline = f"offline delivery {settings.offline_ttl_s:g} s" if hub.mailboxes else "offline delivery off"
+            log.info("gateway ready (state in %s, %s)", where, offline)
             yield
-        finally:
-            await hub.close_all(CLOSE_RESTART, "service restart")
-            await backplane.stop()
-            await self._registry.close()
-            await self._hasher.close()
-            self._hub = self._registry = self._hasher = None
-            log.info("gateway stopped")
+
+    def _stopped(self) -> None:
+        self._hub = self._registry = self._hasher = None
+        log.info("gateway stopped")
 
     @property
     def hub(self) -> Hub:
@@ -1628,6 +2318,8 @@ class Gateway:
     async def health(self, request: Request) -> Response:
         hub = self.hub
         body: dict[str, Any] = {"ok": hub.healthy, "connected": len(hub.peers)}
+        if hub.mailboxes is not None:
+            body["away"], body["queued"] = len(hub.mailboxes.readers), hub.mailboxes.queued
         if self.settings.redis_url:
             body["clusterConnected"] = len(hub.meshes) if hub.healthy else None
         return json_response(body, 200 if hub.healthy else 503)
@@ -1640,7 +2332,10 @@ class Gateway:
         if (await receive())["type"] != "websocket.connect":
             return
         await send({"type": "websocket.accept"})
-        peer = Peer(send, self.settings)
+        extension = scope.get("extensions", {}).get(CONFIRM_EXTENSION)
+        peer = Peer(send, self.settings, extension["ping"] if extension else None)
+        if extension:  # SIGTERM: the node confirms what it got before the 1012
+            extension["on_shutdown"](lambda: hub.drain_soon(peer))
         peer.auth_deadline = asyncio.get_running_loop().call_later(self.settings.auth_timeout_s, self._auth_timeout, peer)
         try:
             while True:
@@ -1725,13 +2420,66 @@ def create_app(settings: Settings | None = None) -> Starlette:
     return Starlette(routes=gateway.routes, lifespan=gateway.lifespan)
 
 
+# The scope extension ConfirmingProtocol offers: {"ping": ConfirmPing, "on_shutdown": register a callback}.
+CONFIRM_EXTENSION = "mesh_gateway.confirm"
+
+
+@functools.cache
+def confirming_protocol() -> type[asyncio.Protocol]:
+    """uvicorn's websockets-sansio protocol plus what ASGI cannot say: send a ping and hear
+    its pong (a node's pong confirms every frame before the ping), and on shutdown let the
+    app collect those confirmations before it closes with 1012. Built on first use, so
+    importing the gateway does not import uvicorn."""
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    class ConfirmingProtocol(WebSocketsSansIOProtocol):
+        def handle_connect(self, event: Any) -> None:
+            self.confirm_waiters: dict[bytes, Callable[[], None]] = {}
+            self.confirm_count = 0
+            self.on_shutdown: Callable[[], None] | None = None
+            super().handle_connect(event)
+            if self.handshake_initiated and hasattr(self, "scope"):  # the app runs from the next loop turn
+                extension = {"ping": self.confirm_ping, "on_shutdown": self.set_on_shutdown}
+                self.scope["extensions"][CONFIRM_EXTENSION] = extension  # type: ignore[index]
+
+        def confirm_ping(self, callback: Callable[[], None]) -> bool:
+            if self.close_sent or self.disconnected or self.transport.is_closing():
+                return False
+            self.confirm_count += 1
+            payload = b"confirm-%d" % self.confirm_count  # never 4 bytes: uvicorn's keepalive pings are
+            self.confirm_waiters[payload] = callback
+            self.conn.send_ping(payload)
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            return True
+
+        def handle_pong(self, event: Any) -> None:
+            callback = self.confirm_waiters.pop(bytes(event.data), None)
+            if callback is None:
+                super().handle_pong(event)  # a keepalive pong
+            elif not self.disconnected:
+                callback()
+
+        def set_on_shutdown(self, callback: Callable[[], None]) -> None:
+            self.on_shutdown = callback
+
+        def shutdown(self) -> None:
+            if self.on_shutdown is None or self.close_sent or self.disconnected or not self.handshake_complete:
+                super().shutdown()
+                return
+            callback, self.on_shutdown = self.on_shutdown, None
+            callback()  # the app closes with 1012 within 2 s; uvicorn waits for its task
+
+    return ConfirmingProtocol
+
+
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
     """How `python gateway.py` (and so the Procfile) runs uvicorn: the fastest stack
-    that still applies write backpressure (websockets-sansio, uvloop, httptools)."""
+    that still applies write backpressure (websockets-sansio, uvloop, httptools), with
+    the confirmation pings offline delivery needs."""
     return {
         "host": settings.host,
         "port": settings.port,
-        "ws": "websockets-sansio",
+        "ws": confirming_protocol(),
         "loop": "uvloop",
         "http": "httptools",
         "ws_max_size": settings.ws_max_bytes,

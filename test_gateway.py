@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import json
 import os
@@ -14,6 +15,7 @@ import random
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import uuid
@@ -213,50 +215,81 @@ def test_secret_hash_is_salted_and_verifies() -> None:
     assert first != second and "correct horse" not in first
     assert gw.verify_secret("correct horse", first)
     assert not gw.verify_secret("wrong horse", first)
-    legacy = "a" * 0 + __import__("hashlib").sha256(b"node secret").hexdigest()
+    legacy = "a" * 0 + hashlib.sha256(b"node secret").hexdigest()
     assert gw.is_legacy(legacy) and gw.verify_secret("node secret", legacy)
     assert not gw.verify_secret("other", legacy)
     assert not gw.verify_secret("x", "garbage$$")
 
 
-async def test_file_registry_compare_and_set(tmp_path: Path) -> None:
-    registry = gw.FileRegistry(str(tmp_path / "r.json"))
-    mesh = gw.Mesh("a", "A", gw.hash_secret("secret-a"), 1.0)
-    assert await registry.put(mesh, expect=None)
-    assert not await registry.put(gw.Mesh("a", "Thief", "x", 2.0), expect=None)
-    renamed = gw.Mesh("a", "A2", mesh.secret_hash, 1.0)
-    assert await registry.put(renamed, expect=mesh)
-    assert not await registry.delete(mesh)
-    reloaded = gw.FileRegistry(str(tmp_path / "r.json"))
-    assert await reloaded.get("a") == renamed
-    assert await reloaded.delete(renamed)
-    assert await gw.FileRegistry(str(tmp_path / "r.json")).get("a") is None
+def stored_meshes(folder: Path) -> dict[str, gw.Mesh]:
+    """The registry as committed in the database file, read with the stdlib as an operator would."""
+    with contextlib.closing(sqlite3.connect(folder / "gateway.db")) as db:
+        rows = db.execute("SELECT mesh_id, name, secret_hash, created FROM meshes").fetchall()
+    return {row[0]: gw.Mesh(*row) for row in rows}
 
 
-async def test_file_registry_groups_concurrent_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    writes: list[int] = []
-    real = gw.write_atomically
-
-    def counting(path: str, data: bytes) -> None:
-        writes.append(len(data))
-        real(path, data)
-
-    monkeypatch.setattr(gw, "write_atomically", counting)
-    registry = gw.FileRegistry(str(tmp_path / "r.json"))
-    meshes = [gw.Mesh(f"m{i}", "M", "h", 1.0) for i in range(200)]
-    assert all(await asyncio.gather(*(registry.put(m, expect=None) for m in meshes)))
-    assert len(writes) < 20  # one rewrite per group, not per registration
-    assert len(gw.load_registry_file(str(tmp_path / "r.json"))) == 200
+@contextlib.asynccontextmanager
+async def opened_store(folder: Path, **overrides: Any) -> AsyncIterator[gw.SqliteStore]:
+    store = gw.SqliteStore(make_settings(folder, **overrides))
+    await store.start()
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
-def test_registry_loads_node_gateway_formats(tmp_path: Path) -> None:
-    digest = __import__("hashlib").sha256(b"node-secret").hexdigest()
+async def test_store_registry_compare_and_set(tmp_path: Path) -> None:
+    async with opened_store(tmp_path) as registry:
+        mesh = gw.Mesh("a", "A", gw.hash_secret("secret-a"), 1.0)
+        assert await registry.put(mesh, expect=None)
+        assert not await registry.put(gw.Mesh("a", "Thief", "x", 2.0), expect=None)
+        renamed = gw.Mesh("a", "A2", mesh.secret_hash, 1.0)
+        assert await registry.put(renamed, expect=mesh)
+        assert not await registry.delete(mesh)
+    async with opened_store(tmp_path) as reloaded:
+        assert await reloaded.get("a") == renamed
+        assert await reloaded.delete(renamed)
+    async with opened_store(tmp_path) as reloaded:
+        assert await reloaded.get("a") is None
+
+
+async def test_store_groups_concurrent_writes_in_one_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    batches: list[int] = []
+    real = gw.SqliteStore._run
+
+    def counting(self: gw.SqliteStore, batch: list[Any]) -> Any:
+        batches.append(len(batch))
+        return real(self, batch)
+
+    monkeypatch.setattr(gw.SqliteStore, "_run", counting)
+    async with opened_store(tmp_path) as registry:
+        batches.clear()
+        meshes = [gw.Mesh(f"m{i}", "M", "h", 1.0) for i in range(200)]
+        assert all(await asyncio.gather(*(registry.put(m, expect=None) for m in meshes)))
+    assert sum(batches) == 200 and len(batches) < 20  # one commit per group, not per registration
+    assert len(stored_meshes(tmp_path)) == 200
+
+
+def test_registry_file_formats(tmp_path: Path) -> None:
+    digest = hashlib.sha256(b"node-secret").hexdigest()
     listed = tmp_path / "list.json"
     listed.write_text(json.dumps([{"meshId": "a", "secretHash": digest, "name": "A"}]))
     keyed = tmp_path / "keyed.json"
     keyed.write_text(json.dumps({"a": {"secretHash": digest, "name": "A"}}))
     for path in (listed, keyed):
-        assert gw.load_registry_file(str(path)) == {"a": gw.Mesh("a", "A", digest)}
+        assert gw.read_registry_file(str(path))[0] == [gw.Mesh("a", "A", digest)]
+    # our earlier format: a snapshot and a journal whose torn last line was never acknowledged
+    ours = tmp_path / "ours.json"
+    ours.write_text(json.dumps([{"meshId": "m0", "name": "M", "secretHash": "h", "created": 1.0}]))
+    (tmp_path / "ours.json.journal").write_bytes(
+        b'{"op":"put","mesh":{"meshId":"m1","name":"M","secretHash":"h"}}\n{"op":"delete","meshId":"m0"}\n'
+        b'{"op":"put","mesh":{"meshId":"torn"'
+    )
+    assert [m.mesh_id for m in gw.read_registry_file(str(ours))[0]] == ["m1"]
+    with open(tmp_path / "ours.json.journal", "ab") as journal:  # damage anywhere else is refused
+        journal.write(b'\n{"op":"delete","meshId":"m1"}\n')
+    with pytest.raises(RuntimeError, match="journal"):
+        gw.read_registry_file(str(ours))
 
 
 # --- Dispatcher (in-memory hub, no network) --------------------------------------
@@ -296,7 +329,7 @@ async def test_dispatch_relay_ack_and_offline() -> None:
     incoming = await sock_b.next()
     assert incoming["type"] == "gateway_incoming" and incoming["fromMeshName"] == "A"
     assert incoming["payload"]["message"]["trustLevel"] == "federated"
-    assert await sock_a.next() == {"type": "gateway_ack", "id": "1", "delivered": 1}
+    assert await sock_a.next() == {"type": "gateway_ack", "id": "1", "delivered": 1, "queued": 0}
     await gw.dispatch(a, gw.Relay(target_mesh_id="zz", payload={}, id="2"), hub)
     offline = await sock_a.next()
     assert (offline["code"], offline["id"], offline["targetMeshId"]) == ("target_offline", "2", "zz")
@@ -318,7 +351,7 @@ async def test_dispatch_broadcast_encodes_once(monkeypatch: pytest.MonkeyPatch) 
     assert encoded.count(gw.Incoming) == 1
     texts = [await s.next() for _, s in receivers]
     assert all(t == texts[0] for t in texts)
-    assert await sock.next() == {"type": "gateway_ack", "id": "b1", "delivered": 5}
+    assert await sock.next() == {"type": "gateway_ack", "id": "b1", "delivered": 5, "queued": 0}
 
 
 async def test_dispatch_rate_limit_relays_nothing() -> None:
@@ -370,7 +403,7 @@ async def test_slow_peer_is_cut_off_at_its_buffer() -> None:
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
-    return Settings(registry_path=str(tmp_path / "registry.json"), **overrides)
+    return Settings(db_path=str(tmp_path / "gateway.db"), registry_path=str(tmp_path / "registry.json"), **overrides)
 
 
 @contextlib.asynccontextmanager
@@ -715,7 +748,7 @@ async def test_secrets_never_stored_or_logged(tmp_path: Path, caplog: pytest.Log
         bad = await g.connect()
         await bad.send(type="gateway_auth", meshId="s", secret=secret + "x")
         await bad.expect("gateway_auth_error")
-    assert secret not in (tmp_path / "registry.json").read_text()
+    assert all(secret.encode() not in f.read_bytes() for f in tmp_path.glob("gateway.db*"))
     assert all(secret not in record.getMessage() for record in caplog.records)
 
 
@@ -981,7 +1014,7 @@ async def test_slow_receiver_is_cut_off_without_slowing_others(tmp_path: Path) -
         slow.ws.transport.resume_reading()
         assert (await slow.closed()).code == 1013
         await sender.send(type="gateway_relay", targetMeshId="slow", payload={}, id="gone")
-        await sender.error("target_offline", id="gone")
+        await sender.expect("gateway_ack", id="gone", delivered=0, queued=1)  # kept for its return
 
 
 # --- Hypothesis: random and mutated frames never hurt anyone else ------------------
@@ -1054,7 +1087,7 @@ async def test_fuzzed_frames_never_hurt_other_meshes(tmp_path: Path) -> None:
         await other.send(type="gateway_relay", targetMeshId="fuzz", payload={"type": "alive"}, id="z")
         while (frame := await other.recv())["type"] == "gateway_participants":
             pass
-        assert frame == {"type": "gateway_ack", "id": "z", "delivered": 1}
+        assert frame == {"type": "gateway_ack", "id": "z", "delivered": 1, "queued": 0}
         assert (await g.health())["connected"] == 4
 
 
@@ -1092,7 +1125,7 @@ def free_port() -> int:
 async def process(tmp_path: Path, **env: str) -> AsyncIterator[tuple[subprocess.Popen[bytes], str]]:
     """`python gateway.py` as users run it; yields the process and host:port once /health answers."""
     port = free_port()
-    full_env = os.environ | {"PORT": str(port), "HOST": "127.0.0.1", "REGISTRY_PATH": str(tmp_path / "registry.json")} | env
+    full_env = os.environ | {"PORT": str(port), "HOST": "127.0.0.1", "REGISTRY_PATH": str(tmp_path / "registry.json"), "DB_PATH": str(tmp_path / "gateway.db")} | env
     log_file = open(tmp_path / f"gateway-{port}.log", "wb")
     proc = subprocess.Popen([sys.executable, str(HERE / "gateway.py")], env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
     try:
@@ -1123,7 +1156,7 @@ async def test_sigterm_closes_1012_and_exits(tmp_path: Path) -> None:
                     while proc.poll() is None:
                         await asyncio.sleep(0.05)
         assert proc.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it caught
-        assert "a" in gw.load_registry_file(str(tmp_path / "registry.json"))
+        assert "a" in stored_meshes(tmp_path)
 
 
 def test_bad_setting_stops_startup_with_one_line(tmp_path: Path) -> None:
@@ -1136,15 +1169,18 @@ def test_bad_setting_stops_startup_with_one_line(tmp_path: Path) -> None:
 
 
 async def test_node_gateway_registry_is_upgraded_on_auth(tmp_path: Path) -> None:
-    digest = __import__("hashlib").sha256(b"node-secret-1").hexdigest()
+    digest = hashlib.sha256(b"node-secret-1").hexdigest()
     path = tmp_path / "registry.json"
     path.write_text(json.dumps([{"meshId": "old", "secretHash": digest, "name": "Old Mesh"}]))
     async with running(make_settings(tmp_path)) as g:
         node = await g.connect()
         await node.send(type="gateway_auth", meshId="old", secret="node-secret-1")
         await node.expect("gateway_auth_ok", meshId="old", name="Old Mesh")
-        stored = gw.load_registry_file(str(path))["old"]  # persisted right away
+        stored = stored_meshes(tmp_path)["old"]  # persisted right away
         assert stored.secret_hash.startswith("pbkdf2_sha256$")
+        async with asyncio.timeout(2):  # and no copy of the old SHA-256 left in any file the gateway writes
+            while any(digest.encode() in f.read_bytes() for f in tmp_path.glob("gateway.db*")):
+                await asyncio.sleep(0.05)
         again = await g.connect()
         await again.send(type="gateway_auth", meshId="old", secret="node-secret-1")
         await again.expect("gateway_auth_ok")
@@ -1172,7 +1208,7 @@ async def test_registry_survives_sigkill_mid_write(tmp_path: Path) -> None:
                         await asyncio.sleep(0.01)
                 proc.kill()
                 await asyncio.gather(*tasks, return_exceptions=True)
-        meshes = gw.load_registry_file(str(tmp_path / "registry.json"))
+        meshes = stored_meshes(tmp_path)  # the database opens whole
         assert acknowledged <= set(meshes)
 
 
@@ -1278,7 +1314,7 @@ async def test_redis_restarted_empty_gets_presence_back(tmp_path: Path) -> None:
 
 
 async def test_registry_file_is_imported_once(tmp_path: Path) -> None:
-    digest = __import__("hashlib").sha256(b"node-secret-1").hexdigest()
+    digest = hashlib.sha256(b"node-secret-1").hexdigest()
     entries = [{"meshId": m, "secretHash": digest, "name": m.upper()} for m in ("old1", "old2")]
     (tmp_path / "registry.json").write_text(json.dumps(entries))
     async with redis_server(tmp_path) as redis:
@@ -1331,7 +1367,7 @@ async def test_thousand_meshes_over_three_processes(tmp_path: Path) -> None:
         received = await asyncio.gather(*(two(n) for n in nodes))
         assert [r["gateway_incoming"]["fromMeshId"] for r in received] == [ids[(i - 1) % count] for i in range(count)]
         assert [r["gateway_ack"] for r in received] == [
-            {"type": "gateway_ack", "id": f"r{i}", "delivered": 1} for i in range(count)
+            {"type": "gateway_ack", "id": f"r{i}", "delivered": 1, "queued": 0} for i in range(count)
         ]
         # and one broadcast reaches all 999 others
         await nodes[0].send(type="gateway_broadcast", payload=MESSAGE, id="all")
@@ -1340,27 +1376,28 @@ async def test_thousand_meshes_over_three_processes(tmp_path: Path) -> None:
         await nodes[0].expect("gateway_ack", id="all", delivered=count - 1)
 
 
-async def test_unwritable_registry_answers_503(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_unwritable_database_answers_503(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async with running(make_settings(tmp_path)) as g:
         assert (await g.register("ok")).status_code == 200
-        real = gw.append_durably
+        real = gw.SqliteStore._put
 
-        def disk_full(path: str, data: bytes) -> None:
-            raise OSError(28, "No space left on device")
+        def disk_full(self: gw.SqliteStore, *args: Any) -> bool:
+            raise sqlite3.OperationalError("database or disk is full")
 
-        monkeypatch.setattr(gw, "append_durably", disk_full)
+        monkeypatch.setattr(gw.SqliteStore, "_put", disk_full)
         failed = await g.register("later")
         assert (failed.status_code, failed.json()) == (503, {"error": "registry could not be saved, retry later"})
-        monkeypatch.setattr(gw, "append_durably", real)  # the disk has room again: the node's retry succeeds
+        monkeypatch.setattr(gw.SqliteStore, "_put", real)  # the disk has room again: the node's retry succeeds
         assert (await g.register("later")).status_code == 200
-        assert set(gw.load_registry_file(str(tmp_path / "registry.json"))) == {"ok", "later"}
+        assert set(stored_meshes(tmp_path)) == {"ok", "later"}
 
 
-def test_unreadable_registry_file_is_never_overwritten(tmp_path: Path) -> None:
+def test_unreadable_registry_file_is_refused_and_kept(tmp_path: Path) -> None:
     path = tmp_path / "registry.json"
     path.write_text('[{"meshId": "a", "secretHash": ')
-    with pytest.raises(RuntimeError, match="unreadable"):
-        gw.FileRegistry(str(path))
+    env = os.environ | {"REGISTRY_PATH": str(path), "DB_PATH": str(tmp_path / "gateway.db"), "PORT": str(free_port())}
+    result = subprocess.run([sys.executable, str(HERE / "gateway.py")], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0 and "unreadable" in result.stderr
     assert path.read_text() == '[{"meshId": "a", "secretHash": '
 
 
@@ -1391,31 +1428,17 @@ async def test_hashing_workers_exit_with_a_killed_gateway(tmp_path: Path) -> Non
             await asyncio.sleep(0.1)
 
 
-async def test_registry_journal_compacts_and_survives_a_torn_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_registry_file_is_imported_once_per_content(tmp_path: Path) -> None:
     path = tmp_path / "registry.json"
-    monkeypatch.setattr(gw.FileRegistry, "COMPACT_AFTER", 5)
-    registry = gw.FileRegistry(str(path))
-    meshes = [gw.Mesh(f"m{i}", "M", "h", 1.0) for i in range(12)]
-    for mesh in meshes:
-        assert await registry.put(mesh, expect=None)
-    assert await registry.delete(meshes[0])
-    assert path.exists()  # compacted at least once
-    assert len(gw.read_journal(f"{path}.journal")) <= 12
-    assert gw.load_registry_file(str(path)) == registry.meshes
-    # a crash mid-append leaves a torn last line: it was never acknowledged, so it is skipped
-    with open(f"{path}.journal", "ab") as journal:
-        journal.write(b'{"op":"put","mesh":{"meshId":"torn"')
-    assert gw.load_registry_file(str(path)) == registry.meshes
-    # damage anywhere else is refused, never silently dropped
-    with open(f"{path}.journal", "ab") as journal:
-        journal.write(b'\n{"op":"delete","meshId":"m1"}\n')
-    with pytest.raises(RuntimeError, match="journal"):
-        gw.load_registry_file(str(path))
-    # shutdown leaves one complete snapshot and an empty journal
-    (tmp_path / "registry.json.journal").write_bytes(b"")
-    await registry.close()
-    assert gw.load_registry_file(str(path)) == registry.meshes
-    assert (tmp_path / "registry.json.journal").read_bytes() == b""
+    digest = hashlib.sha256(b"node-secret-1").hexdigest()
+    path.write_text(json.dumps([{"meshId": "a", "secretHash": digest, "name": "A"}, {"meshId": "b", "secretHash": digest, "name": "B"}]))
+    async with running(make_settings(tmp_path)) as g:
+        assert (await g.http.request("DELETE", "/register", json={"meshId": "a", "secret": "node-secret-1"})).status_code == 200
+    async with running(make_settings(tmp_path)):  # the same file again: the deleted mesh stays deleted
+        assert set(stored_meshes(tmp_path)) == {"b"}
+    path.write_text(json.dumps([{"meshId": "c", "secretHash": digest, "name": "C"}]))
+    async with running(make_settings(tmp_path)):  # new content: only what the database lacks is added
+        assert set(stored_meshes(tmp_path)) == {"b", "c"}
 
 
 # --- The benchmark harness (measured elsewhere; here it only must not rot) ---------
