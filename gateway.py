@@ -896,8 +896,9 @@ class SqliteStore:
     def _confirm(self, mesh_id: str, seq: int, caught_up: bool) -> None:
         if mesh_id in self._catching:
             self._catching[mesh_id] = max(self._catching[mesh_id], seq)
-            if caught_up:
+            if caught_up:  # its broadcasts may be no one's now
                 del self._catching[mesh_id]
+                self._collect_broadcasts()
         self._db_().execute("UPDATE meshes SET cursor = max(cursor, ?) WHERE mesh_id = ?", (seq, mesh_id))
         self._delete_rows("target = ? AND seq <= ?", (mesh_id, seq))
 
@@ -910,7 +911,8 @@ class SqliteStore:
             # What the socket held, then what it had not read yet, then what waited behind that,
             # all after a new cursor: nothing older is this mesh's any more.
             cursor = self._last_seq()
-            unread = self._read(mesh_id, requeue.read, requeue.end, self.max_messages) if requeue.end else []
+            catching = mesh_id in self._catching  # it may not have read all of its mailbox
+            unread = self._read(mesh_id, requeue.read, requeue.end, self.max_messages) if catching else []
             frames = [*requeue.held, *(bytes(frame) for _, frame in unread), *requeue.backlog]
             self._insert([(mesh_id, "", now, frame) for frame in frames])
             self._catching.pop(mesh_id, None)
@@ -955,11 +957,15 @@ class SqliteStore:
         return len(sizes)
 
     def _collect(self) -> None:
+        """Kept frames no mesh will read any more go."""
+        self._collect_broadcasts()
+        stale = "target IS NOT NULL AND target NOT IN (SELECT value FROM json_each(?))"
+        self._delete_rows(stale, (msgspec.json.encode([*self._away, *self._catching]).decode(),))
+
+    def _collect_broadcasts(self) -> None:
         """Broadcasts every away or returning mesh is past are no one's any more."""
         cursors = [*self._away.values(), *self._catching.values()]
         self._delete_rows("target IS NULL AND seq <= ?", (min(cursors) if cursors else NO_END,))
-        stale = "target IS NOT NULL AND target NOT IN (SELECT value FROM json_each(?))"
-        self._delete_rows(stale, (msgspec.json.encode([*self._away, *self._catching]).decode(),))
 
     def _enforce_bytes(self) -> None:
         """Past OFFLINE_MAX_BYTES in all, the oldest frames of the fullest mailbox go (past
@@ -1060,7 +1066,7 @@ class Peer:
         "outbox", "queued", "limit", "closing", "goodbye", "dropping", "writer", "auth_deadline",
         "confirm", "tracking", "unconfirmed", "unconfirmed_bytes", "appended", "sending", "sending_at",
         "confirmed", "ping_at", "confirm_timer", "confirm_interval", "kept_seqs", "on_confirm",
-        "live", "backlog", "backlog_bytes", "held", "read_pos", "end", "spills", "space", "all_confirmed",
+        "live", "backlog", "backlog_bytes", "held", "read_pos", "end", "spills", "space", "all_confirmed", "released",
     )  # fmt: skip
 
     def __init__(self, send: Send, settings: Settings, confirm: ConfirmPing | None = None) -> None:
@@ -1106,6 +1112,7 @@ class Peer:
         self.end = 0  # the mailbox's broadcasts end here (later ones arrive live)
         self.spills = 0  # backlog spills to the mailbox so far
         self.space = asyncio.Event()
+        self.released = False  # its frames went back to the mailbox
 
     def send(self, text: str, size: int) -> bool:
         """Queue one text frame of `size` bytes; a peer that stops reading is cut off, not waited for."""
@@ -1116,8 +1123,8 @@ class Peer:
         self.appended += 1
         if self.queued > self.limit or self.unconfirmed_bytes > 4 * self.limit:
             log.warning("mesh %s: send buffer full, closing", self.mesh_id)
-            self.close(CLOSE_TRY_AGAIN, "send buffer full", flush=False)  # its frames are kept, not lost
-            return False
+            self.close(CLOSE_TRY_AGAIN, "send buffer full", flush=False)
+            return self.released  # this frame too is kept for its return (offline delivery), or lost
         self._wake()
         return True
 
@@ -1175,7 +1182,7 @@ class Peer:
         self.outbox, self.queued = [], 0
         self.backlog, self.backlog_bytes = [], 0
         self.kept_seqs.clear()
-        self.dropping = True
+        self.dropping = self.released = True
         return requeue
 
     def go_live(self) -> None:
@@ -1361,26 +1368,28 @@ class Hub:
         arrival = self.mailboxes.arrive(mesh_id, requeue) if self.mailboxes is not None else None
         await self._publish(presence)
         peer.send_frame(greeting)
-        if arrival is not None:
-            await self._arrived(peer, arrival)
+        kept = await self._arrived(peer, arrival) if arrival is not None else None
         groups = [group(p) for p in self.populated.values() if p.mesh_id != mesh_id]
         if groups:
             peer.send_frame(Participants(remote_participants=groups))
         if presence.participants or (before is not None and before.participants):
             self._announce(presence)
+        if kept is not None:
+            await self._catch_up(peer, inline=True)
 
-    async def _arrived(self, peer: Peer, arrival: asyncio.Future[Arrival]) -> None:
+    async def _arrived(self, peer: Peer, arrival: asyncio.Future[Arrival]) -> Arrival | None:
+        """Where the peer's mailbox lies; it hears first how many kept frames were dropped."""
         try:
             kept = await arrival
         except StoreError as exc:  # the mailbox stays stored: it is delivered on a later auth
             log.error("mesh %s: mailbox unreadable (%s): live frames only", peer.mesh_id, exc)
             peer.go_live()
-            return
+            return None
         if kept.dropped:
             message = f"{kept.dropped} kept frames were dropped (mailbox full or expired)"
             peer.send_frame(Error(message=message, code=MESSAGES_DROPPED, count=kept.dropped))
         peer.read_pos, peer.end = kept.cursor, kept.end
-        await self._catch_up(peer, inline=True)
+        return kept
 
     async def _catch_up(self, peer: Peer, *, inline: bool = False) -> None:
         """Deliver the mailbox at the socket's pace, then what waited behind it, then go live.
@@ -1424,7 +1433,7 @@ class Hub:
         unless the socket itself stopped reading (then it is cut off, as any full buffer)."""
         if self.mailboxes is None or peer.mesh_id is None or peer.backlog_bytes <= peer.limit // 2:
             return
-        if peer.queued > peer.limit // 2:
+        if not peer.has_room():
             log.warning("mesh %s: send buffer full while catching up, closing", peer.mesh_id)
             peer.close(CLOSE_TRY_AGAIN, "send buffer full", flush=False)
             return
@@ -1506,8 +1515,9 @@ class Hub:
         """Offline delivery's housekeeping: last-seen times, TTL expiry, unreferenced frames."""
         if self.mailboxes is None:
             return
+        every = min(SqliteStore.CHECK_EVERY_S, self.settings.offline_ttl_s / 4)
         while True:
-            await asyncio.sleep(SqliteStore.CHECK_EVERY_S)
+            await asyncio.sleep(every)
             with contextlib.suppress(StoreError, BackplaneUnavailable):
                 await self.mailboxes.refresh([m for m, peer in self.peers.items() if peer.live])
 

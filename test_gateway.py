@@ -33,6 +33,8 @@ from hypothesis import HealthCheck, given, settings as hyp_settings, strategies 
 from starlette.applications import Starlette
 from starlette.routing import Mount
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.client import ClientProtocol
+from websockets.uri import parse_uri
 
 import gateway as gw
 from gateway import Settings
@@ -1015,6 +1017,463 @@ async def test_slow_receiver_is_cut_off_without_slowing_others(tmp_path: Path) -
         assert (await slow.closed()).code == 1013
         await sender.send(type="gateway_relay", targetMeshId="slow", payload={}, id="gone")
         await sender.expect("gateway_ack", id="gone", delivered=0, queued=1)  # kept for its return
+
+
+# --- Offline delivery: kept for away meshes, confirmed by the node -----------------
+
+
+class RawNode:
+    """A node whose pongs the test controls (the websockets library answers pings by itself):
+    while `holding`, everything it would send (its pongs) waits. Like the reference node, it
+    handles frames in order and pongs after them, so a pong confirms every frame before its ping:
+    `handled` holds those, `pending` what arrived after the last ping it answered."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, protocol: ClientProtocol) -> None:
+        self.reader, self.writer, self.protocol = reader, writer, protocol
+        self.frames: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.handled: list[dict[str, Any]] = []  # confirmed by a pong that left
+        self.pending: list[dict[str, Any]] = []  # arrived after the last ping answered
+        self.unanswered: list[dict[str, Any]] = []  # arrived before a ping still held back
+        self.holding = False
+        self.held = b""
+        self.closed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.task = asyncio.create_task(self._read())
+
+    @classmethod
+    async def open(cls, g: Gw, addr: str | None = None) -> RawNode:
+        addr = addr or g.addr
+        host, port = addr.split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        protocol = ClientProtocol(parse_uri(f"ws://{addr}/gateway"), max_size=None)
+        protocol.send_request(protocol.connect())
+        node = cls(reader, writer, protocol)
+        g.stack.push_async_callback(node.aclose)
+        node._flush()
+        async with asyncio.timeout(TIMEOUT):
+            await node.opened
+        return node
+
+    async def auth(self, mesh_id: str, **extra: Any) -> dict[str, Any]:
+        await self.send(type="gateway_auth", meshId=mesh_id, secret=f"secret-{mesh_id}", **extra)
+        return await self.expect("gateway_auth_ok")
+
+    async def send(self, **frame: Any) -> None:
+        self.protocol.send_text(json.dumps(frame).encode())
+        self._flush()
+
+    async def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        async with asyncio.timeout(timeout):
+            return await self.frames.get()
+
+    async def expect(self, type_: str, **fields: Any) -> dict[str, Any]:
+        frame = await self.recv()
+        assert frame["type"] == type_ and all(frame.get(k) == v for k, v in fields.items()), frame
+        return frame
+
+    def hold(self) -> None:
+        self.holding = True
+
+    def release(self) -> None:
+        """Send the held pongs: everything before the last ping received is now confirmed."""
+        self.holding = False
+        self.handled += self.unanswered
+        self.unanswered = []
+        self._flush()
+
+    async def aclose(self) -> None:
+        self.writer.close()
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, OSError):
+            await self.task
+
+    def kill(self) -> None:
+        """The node's process dies: no close frame, a TCP reset."""
+        self.writer.transport.abort()
+
+    async def close(self, *, drop_pongs: bool = False) -> None:
+        if drop_pongs:
+            self.holding, self.held, self.unanswered = False, b"", []
+        self.protocol.send_close(1000)
+        self._flush()
+        async with asyncio.timeout(TIMEOUT):
+            await self.closed
+
+    def _flush(self) -> None:
+        data = b"".join(self.protocol.data_to_send())
+        if self.holding:
+            self.held += data
+        elif data or self.held:
+            self.writer.write(self.held + data)
+            self.held = b""
+
+    async def _read(self) -> None:
+        try:
+            while data := await self.reader.read(65536):
+                self.protocol.receive_data(data)
+                for event in self.protocol.events_received():
+                    self._event(event)
+                self._flush()
+        except OSError:
+            pass
+        finally:
+            code = self.protocol.close_rcvd.code if self.protocol.close_rcvd else 1006
+            if not self.closed.done():
+                self.closed.set_result(code)
+
+    def _event(self, event: Any) -> None:
+        if not isinstance(event, websockets.frames.Frame):  # the handshake's response
+            self.opened.set_result(None)
+            return
+        if event.opcode is websockets.frames.Opcode.PING:  # its pong is queued after everything before it
+            (self.unanswered if self.holding else self.handled).extend(self.pending)
+            self.pending = []
+        elif event.opcode is websockets.frames.Opcode.TEXT:
+            frame = json.loads(event.data)
+            if frame["type"] == "gateway_incoming":
+                self.pending.append(frame)
+            self.frames.put_nowait(frame)
+
+
+class FreezableProxy:
+    """A loopback TCP proxy that can stop forwarding in both directions without closing
+    anything: a network that freezes, no FIN, no RST."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for writer in self.writers:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    def freeze(self) -> None:
+        self.flowing.clear()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, port = self.target.split(":")
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        self.writers += [writer, up_writer]
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pump(source, sink))
+            self.tasks.add(task)
+
+    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await source.read(65536):
+                await self.flowing.wait()
+                sink.write(data)
+
+
+def kept_rows(folder: Path) -> int:
+    with contextlib.closing(sqlite3.connect(folder / "gateway.db")) as db:
+        return db.execute("SELECT count(*) FROM kept").fetchone()[0]
+
+
+def offline_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    return make_settings(tmp_path, confirm_interval_s=0.05, rate_limit_per_min=100_000, **overrides)
+
+
+def contents(frames: list[dict[str, Any]]) -> list[Any]:
+    return [f["payload"]["message"] for f in frames]
+
+
+async def relay_all(sender: Node, target: str, messages: range, **ack: Any) -> None:
+    """Relay numbered messages and wait for each ack (so the gateway accepted them in this order)."""
+    for n in messages:
+        await sender.send(type="gateway_relay", targetMeshId=target, payload={"type": "m", "message": n}, id=f"r{n}")
+        await sender.expect("gateway_ack", id=f"r{n}", **ack)
+
+
+async def returning(g: Gw, mesh_id: str, count: int) -> tuple[Node, list[dict[str, Any]]]:
+    """The mesh connects again; its `count` kept frames come right after gateway_auth_ok."""
+    node = await g.connect()
+    await node.send(type="gateway_auth", meshId=mesh_id, secret=f"secret-{mesh_id}")
+    await node.expect("gateway_auth_ok", meshId=mesh_id)
+    node.mesh_id = mesh_id
+    return node, [await node.expect("gateway_incoming") for _ in range(count)]
+
+
+async def away(g: Gw, mesh_id: str) -> None:
+    """A mesh that authenticated once and left."""
+    node = await g.node(mesh_id)
+    connected = (await g.health())["connected"]
+    await node.ws.close()
+    await g.wait_connected(connected - 1)
+
+
+async def test_relay_to_an_away_mesh_is_kept_and_delivered_once_in_order(tmp_path: Path) -> None:
+    async with running(offline_settings(tmp_path)) as g:
+        a = await g.node("a", [{"id": "u1", "name": "alice", "type": "user"}])
+        await away(g, "b")
+        await relay_all(a, "b", range(5), delivered=0, queued=1)
+        health = (await g.http.get("/health")).json()
+        assert (health["away"], health["queued"]) == (1, 5)
+        # after gateway_auth_ok and the participant groups, before any live frame
+        b = await g.connect()
+        await b.send(type="gateway_auth", meshId="b", secret="secret-b")
+        await b.expect("gateway_auth_ok")
+        assert (await b.expect("gateway_participants"))["remoteParticipants"][0]["meshId"] == "a"
+        kept = [await b.expect("gateway_incoming", fromMeshId="a", fromMeshName="Mesh a") for _ in range(5)]
+        assert contents(kept) == list(range(5))
+        await relay_all(a, "b", range(5, 6), delivered=1, queued=0)
+        assert contents([await b.expect("gateway_incoming")]) == [5]
+        await b.quiet()  # nothing twice
+        health = (await g.http.get("/health")).json()
+        assert (health["away"], health["queued"]) == (0, 0)
+
+
+async def test_relay_to_a_mesh_that_never_connected_is_target_offline(tmp_path: Path) -> None:
+    async with running(offline_settings(tmp_path)) as g:
+        a = await g.node("a")
+        assert (await g.register("never")).status_code == 200
+        for target in ("never", "unknown"):
+            await a.send(type="gateway_relay", targetMeshId=target, payload={"type": "m"}, id="x")
+            await a.error("target_offline", id="x", targetMeshId=target)
+
+
+async def test_broadcasts_are_kept_once_for_every_away_mesh(tmp_path: Path) -> None:
+    async with running(offline_settings(tmp_path)) as g:
+        a, live = await g.node("a"), await g.node("live")
+        await away(g, "b")
+        await away(g, "c")
+        await a.send(type="gateway_broadcast", payload={"type": "m", "message": "one"}, id="b1")
+        await a.expect("gateway_ack", id="b1", delivered=1, queued=2)
+        await relay_all(a, "b", range(1), delivered=0, queued=1)
+        await a.send(type="gateway_broadcast", payload={"type": "m", "message": "two"}, id="b2")
+        await a.expect("gateway_ack", id="b2", delivered=1, queued=2)
+        assert contents([await live.expect("gateway_incoming") for _ in range(2)]) == ["one", "two"]
+        late = await g.node("late")  # registered and first connected after the broadcasts: gets none
+        b, kept = await returning(g, "b", 3)
+        assert contents(kept) == ["one", 0, "two"]  # one order across relays and broadcasts
+        c, kept = await returning(g, "c", 2)
+        assert contents(kept) == ["one", "two"]
+        for node in (b, c, late, a):  # nobody gets a frame twice, nor its own broadcast
+            await node.quiet()
+        async with asyncio.timeout(TIMEOUT):  # stored once, and gone once everyone confirmed it
+            while kept_rows(tmp_path):
+                await asyncio.sleep(0.02)
+
+
+async def test_delete_discards_the_mailbox(tmp_path: Path) -> None:
+    async with running(offline_settings(tmp_path)) as g:
+        a = await g.node("a")
+        await away(g, "b")
+        await relay_all(a, "b", range(3), delivered=0, queued=1)
+        deleted = await g.http.request("DELETE", "/register", json={"meshId": "b", "secret": "secret-b"})
+        assert deleted.status_code == 200
+        await a.send(type="gateway_relay", targetMeshId="b", payload={"type": "m"}, id="gone")
+        await a.error("target_offline", id="gone")
+        b = await g.node("b")  # registered again: a new mesh, an empty mailbox
+        await b.quiet()
+        assert (await g.http.get("/health")).json()["queued"] == 0
+
+
+async def test_bounds_drop_the_oldest_and_tell_the_mesh(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async with running(offline_settings(tmp_path, offline_max_messages=3)) as g:
+        a = await g.node("a")
+        await away(g, "b")
+        await relay_all(a, "b", range(5), delivered=0, queued=1)
+        b = await g.connect()
+        await b.send(type="gateway_auth", meshId="b", secret="secret-b")
+        await b.expect("gateway_auth_ok")
+        await b.error("messages_dropped", count=2)  # right after gateway_auth_ok
+        assert contents([await b.expect("gateway_incoming") for _ in range(3)]) == [2, 3, 4]
+        await b.quiet()
+    assert any("mesh b" in r.getMessage() and "dropped" in r.getMessage() for r in caplog.records)
+
+
+async def test_total_bytes_bound_drops_from_the_fullest_mailbox(tmp_path: Path) -> None:
+    async with running(offline_settings(tmp_path, offline_max_bytes=4000)) as g:
+        a = await g.node("a")
+        await away(g, "big")
+        await away(g, "small")
+        await relay_all(a, "small", range(1), delivered=0, queued=1)
+        for n in range(40):  # ~200 B each: 8,000 B in all, twice the bound
+            body = {"type": "m", "message": n, "pad": "x" * 100}
+            await a.send(type="gateway_relay", targetMeshId="big", payload=body, id=f"p{n}")
+            await a.expect("gateway_ack", id=f"p{n}", queued=1)
+        queued = (await g.http.get("/health")).json()["queued"]
+        assert queued < 30
+        _, kept = await returning(g, "small", 1)  # the small mailbox was not touched
+        assert contents(kept) == [0]
+        big = await g.connect()
+        await big.send(type="gateway_auth", meshId="big", secret="secret-big")
+        await big.expect("gateway_auth_ok")
+        dropped = (await big.error("messages_dropped"))["count"]
+        kept = [await big.expect("gateway_incoming") for _ in range(40 - dropped)]
+        assert contents(kept) == list(range(dropped, 40))  # the newest survive, in order
+
+
+async def test_frames_and_meshes_expire_after_the_ttl(tmp_path: Path) -> None:
+    async with running(offline_settings(tmp_path, offline_ttl_s=0.5)) as g:
+        a = await g.node("a")
+        await away(g, "b")
+        await relay_all(a, "b", range(1), delivered=0, queued=1)
+        async with asyncio.timeout(TIMEOUT):  # away longer than the TTL: no longer away, its frames expired
+            while (await g.http.get("/health")).json()["away"]:
+                await asyncio.sleep(0.05)
+        await a.send(type="gateway_relay", targetMeshId="b", payload={"type": "m"}, id="late")
+        await a.error("target_offline", id="late")
+        b = await g.node("b")
+        await b.quiet()
+
+
+async def test_offline_delivery_off(tmp_path: Path) -> None:
+    async with running(offline_settings(tmp_path, offline_ttl_s=0)) as g:
+        a = await g.node("a")
+        await away(g, "b")
+        await a.send(type="gateway_relay", targetMeshId="b", payload={"type": "m"}, id="x")
+        await a.error("target_offline", id="x")
+        await a.send(type="gateway_broadcast", payload={"type": "m"}, id="y")
+        assert "queued" not in (await g.http.get("/health")).json()
+        b = await g.node("b")
+        await b.quiet()
+
+
+async def test_only_confirmed_frames_are_never_sent_again(tmp_path: Path) -> None:
+    async with running(offline_settings(tmp_path)) as g:
+        a = await g.node("a")
+        assert (await g.register("b")).status_code == 200
+        b = await RawNode.open(g)
+        await b.auth("b")
+        b.hold()  # b handles frames but its pongs wait
+        await relay_all(a, "b", range(3), delivered=1)
+        assert contents([await b.expect("gateway_incoming") for _ in range(3)]) == [0, 1, 2]
+        async with asyncio.timeout(TIMEOUT):  # a confirmation ping came after them
+            while b.pending:
+                await asyncio.sleep(0.01)
+        b.release()  # confirms 0..2
+        await b.send(type="gateway_discover")  # read after the pongs: they have arrived
+        await b.expect("gateway_discover_result")
+        b.hold()
+        await relay_all(a, "b", range(3, 6), delivered=1)
+        assert contents([await b.expect("gateway_incoming") for _ in range(3)]) == [3, 4, 5]
+        b.kill()  # received 3..5 but never confirmed them
+        await g.wait_connected(1)
+        await relay_all(a, "b", range(6, 8), queued=1)
+        back, kept = await returning(g, "b", 5)
+        assert contents(b.handled) == [0, 1, 2]
+        assert contents(kept) == [3, 4, 5, 6, 7]
+        await back.quiet()
+
+
+@pytest.mark.parametrize("how", ["close", "kill", "replace"])
+async def test_no_way_of_leaving_loses_a_frame(tmp_path: Path, how: str) -> None:
+    async with running(offline_settings(tmp_path)) as g:
+        a = await g.node("a")
+        assert (await g.register("b")).status_code == 200
+        b = await RawNode.open(g)
+        await b.auth("b")
+        b.hold()
+        await relay_all(a, "b", range(4), delivered=1)
+        assert contents([await b.expect("gateway_incoming") for _ in range(4)]) == [0, 1, 2, 3]
+        if how == "replace":  # its newer connection takes over: the old one's unconfirmed frames move to it
+            back, kept = await returning(g, "b", 4)
+            assert await b.closed == 4000
+            await relay_all(a, "b", range(4, 6), delivered=1)
+            assert contents(kept + [await back.expect("gateway_incoming") for _ in range(2)]) == list(range(6))
+            return
+        if how == "close":
+            await b.close(drop_pongs=True)  # a clean close, the pongs never sent
+        else:
+            b.kill()
+        await g.wait_connected(1)
+        await relay_all(a, "b", range(4, 6), queued=1)
+        back, kept = await returning(g, "b", 6)
+        assert contents(kept) == list(range(6))
+        await back.quiet()
+
+
+async def test_a_frozen_network_loses_nothing(tmp_path: Path) -> None:
+    async with running(offline_settings(tmp_path, ping_interval_s=0.2, ping_timeout_s=0.3)) as g:
+        a = await g.node("a")
+        assert (await g.register("b")).status_code == 200
+        proxy = FreezableProxy(g.addr)
+        async with proxy as via:
+            b = await RawNode.open(g, via)
+            await b.auth("b")
+            b.hold()
+            await relay_all(a, "b", range(2), delivered=1)
+            assert contents([await b.expect("gateway_incoming") for _ in range(2)]) == [0, 1]
+            proxy.freeze()  # no FIN: only the unanswered keepalive ping notices
+            await g.wait_connected(1)
+            await relay_all(a, "b", range(2, 4), queued=1)
+            back, kept = await returning(g, "b", 4)
+            assert contents(kept) == [0, 1, 2, 3]
+            await back.quiet()
+
+
+async def test_a_slow_reader_cut_off_loses_nothing(tmp_path: Path) -> None:
+    settings = offline_settings(tmp_path, send_buffer_bytes=256 * 1024, max_frame_bytes=60_000)
+    async with running(settings) as g:
+        sender = await g.node("sender")
+        slow = await g.node("slow", rcvbuf=16 * 1024)
+        slow.ws.transport.pause_reading()
+        for n in range(200):  # 10 MB: past the slow node's 256 KiB and the kernel's socket buffers
+            body = {"type": f"m{n}", "message": "x" * 50_000}
+            await sender.send(type="gateway_relay", targetMeshId="slow", payload=body, id=f"r{n}")
+            await sender.expect("gateway_ack", id=f"r{n}")
+        await g.wait_connected(1)  # cut off (1013)
+        slow.ws.transport.resume_reading()
+        assert (await slow.closed()).code == 1013
+        back, kept = await returning(g, "slow", 200)
+        assert [f["payload"]["type"] for f in kept] == [f"m{n}" for n in range(200)]  # in order, once
+        await back.quiet()
+
+
+async def test_kept_frames_survive_a_restart(tmp_path: Path) -> None:
+    settings = offline_settings(tmp_path)
+    async with running(settings) as g:
+        a = await g.node("a")
+        await away(g, "b")
+        await relay_all(a, "b", range(3), queued=1)
+    async with running(settings) as g:
+        assert (await g.http.get("/health")).json()["queued"] == 3
+        _, kept = await returning(g, "b", 3)
+        assert contents(kept) == [0, 1, 2]
+
+
+async def test_under_a_host_server_frames_count_once_handed_over(tmp_path: Path) -> None:
+    """A host app's own uvicorn (no confirmation pings): relays and offline delivery still work."""
+    settings = offline_settings(tmp_path)
+    app = gw.create_app(settings)
+    options = {"host": "127.0.0.1", "port": 0, "log_level": "warning", "ws": "websockets-sansio"}
+    server = uvicorn.Server(uvicorn.Config(app, **options))
+    task = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            while not server.started:
+                await asyncio.sleep(0.005)
+        addr = f"127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+        async with httpx.AsyncClient(base_url=f"http://{addr}", timeout=TIMEOUT) as http:
+            g = Gw([addr], http)
+            async with g.stack:
+                a, b = await g.node("a"), await g.node("b")
+                await relay_all(a, "b", range(2), delivered=1)
+                assert contents([await b.expect("gateway_incoming") for _ in range(2)]) == [0, 1]
+                await b.ws.close()
+                await relay_all(a, "b", range(2, 4), queued=1)
+                _, kept = await returning(g, "b", 2)
+                assert contents(kept) == [2, 3]  # what was handed over before the close is not sent again
+    finally:
+        server.should_exit = True
+        await task
 
 
 # --- Hypothesis: random and mutated frames never hurt anyone else ------------------
