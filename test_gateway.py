@@ -1087,6 +1087,20 @@ class RawNode:
         with contextlib.suppress(asyncio.CancelledError, OSError):
             await self.task
 
+    async def answer(self, frame_id: str) -> dict[str, Any]:
+        """The gateway's answer (ack or error) to our frame `frame_id`; other frames are skipped."""
+        while True:
+            frame = await self.recv()
+            if frame.get("id") == frame_id:
+                return frame
+
+    async def quiesce(self) -> None:
+        """Stop answering pings, and be sure the pongs already sent have arrived: `handled` is exact."""
+        await self.send(type="gateway_discover")  # behind every pong sent so far
+        self.hold()
+        while (await self.recv())["type"] != "gateway_discover_result":
+            pass
+
     def kill(self) -> None:
         """The node's process dies: no close frame, a TCP reset."""
         self.writer.transport.abort()
@@ -1476,6 +1490,87 @@ async def test_under_a_host_server_frames_count_once_handed_over(tmp_path: Path)
         await task
 
 
+class Model:
+    """What each mesh must end up with: every relay to it and every broadcast of others
+    while it had authenticated at least once, in the order the gateway accepted them."""
+
+    def __init__(self, meshes: list[str]) -> None:
+        self.expected: dict[str, list[str]] = {m: [] for m in meshes}
+        self.known: set[str] = set()  # authenticated at least once
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> list[tuple[str, int, int]]:
+    ops = st.tuples(st.sampled_from(["connect", "close", "kill", "relay", "broadcast"]), st.integers(0, 3), st.integers(0, 3))
+    return draw(st.lists(ops, min_size=5, max_size=25))
+
+
+@hyp_settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=scenarios())
+async def test_random_comings_and_goings_deliver_each_frame_once_in_order(tmp_path: Path, steps: list[tuple[str, int, int]]) -> None:
+    run = uuid.uuid4().hex[:8]
+    names = [f"{run}-{i}" for i in range(4)]
+    folder = tmp_path / run  # one gateway per example
+    folder.mkdir()
+    async with running(offline_settings(folder)) as g:
+        model = Model(names)
+        nodes: dict[str, RawNode] = {}
+        handled: dict[str, list[dict[str, Any]]] = {m: [] for m in names}
+        for m in names:
+            assert (await g.register(m)).status_code == 200
+
+        async def connect(m: str) -> None:
+            node = await RawNode.open(g)
+            await node.auth(m)
+            nodes[m] = node
+            model.known.add(m)
+
+        async def leave(m: str, how: str) -> None:
+            node = nodes.pop(m)
+            await node.quiesce()
+            if how == "kill":
+                node.kill()
+            else:
+                await node.close(drop_pongs=True)
+            handled[m] += node.handled  # frames after its last pong count as not handled
+            connected = len(nodes)
+            async with asyncio.timeout(TIMEOUT):
+                while (await g.health())["connected"] != connected:
+                    await asyncio.sleep(0.01)
+
+        for n, (op, i, j) in enumerate(steps):
+            m, other = names[i], names[j]
+            if op == "connect":
+                if m in nodes:  # replaces its live socket
+                    await nodes[m].quiesce()
+                    handled[m] += nodes[m].handled
+                await connect(m)
+            elif op in ("close", "kill") and m in nodes:
+                await leave(m, op)
+            elif op in ("relay", "broadcast") and m in nodes:
+                sender = nodes[m]
+                if op == "relay":
+                    await sender.send(type="gateway_relay", targetMeshId=other, payload={"type": "m", "message": f"s{n}"}, id=f"s{n}")
+                    targets = [other] if other in model.known else []
+                else:
+                    await sender.send(type="gateway_broadcast", payload={"type": "m", "message": f"s{n}"}, id=f"s{n}")
+                    targets = [t for t in model.known if t != m]
+                await sender.answer(f"s{n}")  # accepted: the next step comes after it
+                for target in targets:
+                    model.expected[target].append(f"s{n}")
+        for m in names:  # everyone comes back and catches up
+            if m in model.known and m not in nodes:
+                await connect(m)
+        async with asyncio.timeout(TIMEOUT):
+            for m, node in nodes.items():
+                while len(handled[m]) + len(node.handled) < len(model.expected[m]):
+                    await asyncio.sleep(0.01)
+        for m, node in nodes.items():
+            assert contents(handled[m] + node.handled) == model.expected[m], m
+
+
+
+
 # --- Hypothesis: random and mutated frames never hurt anyone else ------------------
 
 VALID_FRAMES = [
@@ -1616,6 +1711,87 @@ async def test_sigterm_closes_1012_and_exits(tmp_path: Path) -> None:
                         await asyncio.sleep(0.05)
         assert proc.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it caught
         assert "a" in stored_meshes(tmp_path)
+
+
+async def test_sigterm_confirms_stores_then_closes_1012(tmp_path: Path) -> None:
+    """SIGTERM: what a node confirms in the last 2 s is not sent again; the rest is stored; then 1012."""
+    env = {"CONFIRM_INTERVAL_S": "30", "RATE_LIMIT_PER_MIN": "100000"}  # only the shutdown asks for confirmations
+    async with process(tmp_path, **env) as (proc, addr):
+        async with httpx.AsyncClient(base_url=f"http://{addr}") as http:
+            g = Gw([addr], http)
+            async with g.stack:
+                a, confirming = await g.node("a"), await g.node("c")
+                assert (await g.register("b")).status_code == 200
+                silent = await RawNode.open(g)
+                await silent.auth("b")
+                silent.hold()  # never answers
+                await relay_all(a, "b", range(3), delivered=1)
+                await relay_all(a, "c", range(3), delivered=1)
+                assert contents([await confirming.expect("gateway_incoming") for _ in range(3)]) == [0, 1, 2]
+                proc.send_signal(signal.SIGTERM)
+                assert (await confirming.closed()).code == 1012
+                assert await silent.closed == 1012
+                async with asyncio.timeout(10):
+                    while proc.poll() is None:
+                        await asyncio.sleep(0.05)
+    async with process(tmp_path, **env) as (proc, addr):
+        async with httpx.AsyncClient(base_url=f"http://{addr}") as http:
+            g = Gw([addr], http)
+            async with g.stack:
+                _, kept = await returning(g, "b", 3)
+                assert contents(kept) == [0, 1, 2]
+                c, _ = await returning(g, "c", 0)
+                await c.quiet()  # confirmed before the 1012: never sent again
+
+
+async def test_sigkill_keeps_what_was_stored(tmp_path: Path) -> None:
+    async with process(tmp_path) as (proc, addr):
+        async with httpx.AsyncClient(base_url=f"http://{addr}") as http:
+            g = Gw([addr], http)
+            async with g.stack:
+                a = await g.node("a")
+                await away(g, "b")
+                await relay_all(a, "b", range(10), queued=1)  # acked: on disk
+                proc.kill()
+    async with process(tmp_path) as (proc, addr):
+        async with httpx.AsyncClient(base_url=f"http://{addr}") as http:
+            g = Gw([addr], http)
+            async with g.stack:
+                assert (await g.http.get("/health")).json()["queued"] == 10
+                back, kept = await returning(g, "b", 10)
+                assert contents(kept) == list(range(10))
+                await back.quiet()
+
+
+async def test_sigkill_repeats_at_most_the_last_confirm_interval(tmp_path: Path) -> None:
+    """A crash may repeat only what was sent and not yet confirmed; confirmed kept frames are gone
+    from the database, so a mesh catching up when the gateway dies resumes where it was."""
+    async with process(tmp_path, CONFIRM_INTERVAL_S="0.05", RATE_LIMIT_PER_MIN="100000") as (proc, addr):
+        async with httpx.AsyncClient(base_url=f"http://{addr}") as http:
+            g = Gw([addr], http)
+            async with g.stack:
+                a = await g.node("a")
+                await away(g, "b")
+                await relay_all(a, "b", range(6), queued=1)
+                assert (await g.register("b")).status_code == 200
+                b = await RawNode.open(g)
+                await b.auth("b")
+                assert contents([await b.expect("gateway_incoming") for _ in range(6)]) == list(range(6))
+                async with asyncio.timeout(TIMEOUT):  # confirmed, and the database has heard of it
+                    while b.pending or kept_rows(tmp_path):
+                        await asyncio.sleep(0.02)
+                b.hold()
+                await relay_all(a, "b", range(6, 8), delivered=1)  # sent, never confirmed
+                assert contents([await b.expect("gateway_incoming") for _ in range(2)]) == [6, 7]
+                proc.kill()
+    async with process(tmp_path) as (proc, addr):
+        async with httpx.AsyncClient(base_url=f"http://{addr}") as http:
+            g = Gw([addr], http)
+            async with g.stack:
+                back = await g.connect()
+                await back.send(type="gateway_auth", meshId="b", secret="secret-b")
+                await back.expect("gateway_auth_ok")
+                await back.quiet()  # 0..5 were confirmed: not again (6, 7 were live, in memory: lost with it)
 
 
 def test_bad_setting_stops_startup_with_one_line(tmp_path: Path) -> None:

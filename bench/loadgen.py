@@ -1,8 +1,10 @@
 """Load generator worker: one process, one role, driven by run.py over pipes.
 
-stdin:  line 1 is the job (JSON); then control lines `go`, `mark`, `stop`.
+stdin:  line 1 is the job (JSON); then control lines `go`, `mark`, `stop`,
+        and any other line is a command for the role (`catchup`).
 stdout: JSON event lines: `ready` after setup, `done` when a finite role has
-        finished its work, `result` after `stop` (then the process exits).
+        finished its work, `result` after `stop` (then the process exits);
+        a role may add its own (`caught_up`).
 
 `go` starts the load, `mark` restarts the measured window (after warm-up),
 `stop` ends it: counters, latency samples and this process's CPU time cover
@@ -33,15 +35,28 @@ MAX_ERRORS = 20
 
 # --- Frames -----------------------------------------------------------------
 
-# A realistic ~300 B chat payload; `content` carries the send time and a sequence number.
-_MESSAGE = (
-    b'{"type":"new_message","message":{"id":"msg-%010d","roomId":"room-4f1c2a9e","roomName":"general",'
-    b'"senderId":"user-8d2e61","senderName":"Alice Example","content":"t=%020d;s=%010d;'
-    + b"lorem ipsum dolor sit amet " * 3
-    + b'","isDm":false,"createdAt":"2025-06-01T12:00:00.000Z"}}'
-)
+FILLER = b"lorem ipsum dolor sit amet "
+
+
+def message(filler: int = 3 * len(FILLER)) -> bytes:
+    """A realistic chat payload (~300 B by default); `content` carries the send time and a sequence number."""
+    text = (FILLER * (filler // len(FILLER) + 1))[:filler]
+    return (
+        b'{"type":"new_message","message":{"id":"msg-%010d","roomId":"room-4f1c2a9e","roomName":"general",'
+        b'"senderId":"user-8d2e61","senderName":"Alice Example","content":"t=%020d;s=%010d;'
+        + text.replace(b"%", b"%%")
+        + b'","isDm":false,"createdAt":"2025-06-01T12:00:00.000Z"}}'
+    )
+
+
+_MESSAGE = message()
 RELAY = b'{"type":"gateway_relay","targetMeshId":"%s","payload":' + _MESSAGE + b"}"
 BROADCAST = b'{"type":"gateway_broadcast","payload":' + _MESSAGE + b"}"
+
+
+def relay_with_id(filler: int) -> bytes:
+    """A relay template carrying an `id` (so the gateway answers with `gateway_ack`): id, target, then the stamps."""
+    return b'{"type":"gateway_relay","id":"%s","targetMeshId":"%s","payload":' + message(filler) + b"}"
 
 
 def secret_for(mesh_id: str) -> str:
@@ -65,6 +80,10 @@ class Inbound(msgspec.Struct):
     payload: Payload = msgspec.field(default_factory=Payload)
     code: str = ""
     message: str = ""
+    id: str = ""  # gateway_ack, and an error answering a frame that had one
+    delivered: int = 0  # gateway_ack
+    queued: int = 0  # gateway_ack: away meshes the frame was kept for
+    count: int = 0  # error messages_dropped
 
 
 decode_inbound = msgspec.json.Decoder(Inbound).decode
@@ -105,14 +124,17 @@ class Mesh:
         self.stats = stats
         self.client: WsClient | None = None
         self.authed: asyncio.Future[None] | None = None
+        self.auth_ok_t = 0.0  # monotonic time the last gateway_auth_ok was parsed
         self.on_incoming: Callable[[int, int], None] | None = None  # (send time ns, sequence)
+        self.on_answer: Callable[[Inbound], None] | None = None  # gateway_ack, or an error with an `id`
 
     async def connect(self, host: str, port: int, *, deflate: bool, timeout: float) -> None:
         self.authed = asyncio.get_running_loop().create_future()
-        self.client = await ws_connect(
+        self.auth_ok_t = 0.0
+        client = self.client = await ws_connect(
             host, port, on_message=self.on_message, offer_deflate=deflate, timeout=timeout
         )
-        self.client.closed.add_done_callback(self._closed)
+        client.closed.add_done_callback(lambda _: self._closed(client))
         auth = {"type": "gateway_auth", "meshId": self.id, "secret": secret_for(self.id)}
         self.client.send(json.dumps(auth).encode())
         async with asyncio.timeout(timeout):
@@ -136,23 +158,41 @@ class Mesh:
             if self.on_incoming is not None:
                 self.on_incoming(*parse_content(frame.payload.message.content))
         elif frame.type == "gateway_auth_ok":
+            self.auth_ok_t = time.monotonic()
             if self.authed is not None and not self.authed.done():
                 self.authed.set_result(None)
+        elif frame.type == "gateway_ack":
+            if self.on_answer is not None:
+                self.on_answer(frame)
         elif frame.type in ("gateway_auth_error", "error"):
-            self.stats.error(f"{self.id}: {frame.type} {frame.code} {frame.message}")
+            extra = f" (count {frame.count})" if frame.count else ""
+            self.stats.error(f"{self.id}: {frame.type} {frame.code} {frame.message}{extra}")
             if frame.type == "gateway_auth_error" and self.authed is not None and not self.authed.done():
                 self.authed.set_exception(ConnectionError(frame.message))
+            if frame.id and self.on_answer is not None:  # answered, if not as hoped: the window moves on
+                self.on_answer(frame)
 
-    def _closed(self, _: object) -> None:
-        if self.client is not None:
-            code = str(self.client.close_code)
-            self.stats.closes[code] = self.stats.closes.get(code, 0) + 1
-            if self.authed is not None and not self.authed.done():  # fail now, not at the timeout
-                self.authed.set_exception(ConnectionError(f"closed ({code}) before auth"))
+    def _closed(self, client: WsClient) -> None:
+        if client.left:  # we closed it on purpose
+            return
+        code = str(client.close_code)
+        self.stats.closes[code] = self.stats.closes.get(code, 0) + 1
+        if client is self.client and self.authed is not None and not self.authed.done():  # fail now, not later
+            self.authed.set_exception(ConnectionError(f"closed ({code}) before auth"))
 
     def close(self) -> None:
         if self.client is not None:
             self.client.close()
+
+    async def leave(self, timeout: float = 10.0) -> None:
+        """Close on purpose (not counted as a close) and wait until the socket is gone."""
+        if self.client is None:
+            return
+        client, self.client = self.client, None
+        client.left = True
+        client.close()
+        async with asyncio.timeout(timeout):
+            await client.closed
 
 
 # --- Roles --------------------------------------------------------------------
@@ -212,11 +252,23 @@ class Role:
         results = await asyncio.gather(*(one(m) for m in meshes))
         return results.count(False)
 
+    async def leave_all(self, mesh_ids: list[str]) -> None:
+        """Make meshes *away*: each connects and authenticates once, then leaves."""
+        if not mesh_ids:
+            return
+        meshes = [Mesh(m, self.stats) for m in mesh_ids]
+        if failed := await self.connect_all(meshes, concurrency=len(meshes)):
+            raise RuntimeError(f"{failed} meshes to make away failed to connect")
+        await asyncio.gather(*(m.leave() for m in meshes))
+
     async def setup(self) -> None: ...
 
     def go(self) -> None:
         self.running = True
         self.mark()
+
+    def command(self, line: str) -> None:
+        self.stats.error(f"unknown command {line!r}")
 
     async def finish(self) -> dict[str, Any]:
         return {}
@@ -279,6 +331,7 @@ class FanoutRole(Role):
     """
 
     async def setup(self) -> None:
+        await self.leave_all(self.job.get("away", []))  # receivers that are away during the measurement
         self.sender = Mesh(self.job["sender"], self.stats)
         self.receivers = [Mesh(m, self.stats) for m in self.job["receivers"]]
         for mesh in self.receivers:
@@ -321,6 +374,185 @@ class FanoutRole(Role):
     async def finish(self) -> dict[str, Any]:
         await self.drain(lambda: len(self.pending))
         return {"lost": sum(self.pending.values()), "sent": self.seq, "receivers": len(self.receivers)}
+
+
+@dataclass(slots=True)
+class Sender:
+    mesh: Mesh
+    targets: list[Mesh]
+    left: int  # relays still to send
+    in_flight: int = 0
+    sent: int = 0
+
+
+class KeepRole(Role):
+    """Relays to away meshes, each answered by `gateway_ack` once kept; then, on `catchup`, one of them
+    comes back and counts what it is sent.
+
+    Job: `away` (target mesh ids, made away in setup), `senders` (mesh ids; target i belongs to sender
+    i mod len(senders), so each target's frames come from one socket, in order), `per_target` relays each,
+    `window` unanswered relays per sender, `frame_bytes` per relay frame (default: the ~300 B payload). Relay n (1-based) to a
+    target carries sequence n, so the catch-up can check order and exactly-once."""
+
+    async def setup(self) -> None:
+        # Payload text sized so that each relay frame is about `frame_bytes` on the wire.
+        base = len(relay_with_id(0) % (b"k1", self.job["away"][0].encode(), 0, 0, 0))
+        self.template = relay_with_id(max(0, int(self.job.get("frame_bytes", 0)) - base) or 3 * len(FILLER))
+        self.per_target = int(self.job["per_target"])
+        self.window = int(self.job["window"])
+        self.targets = [Mesh(m, self.stats) for m in self.job["away"]]
+        self.seqs = {m.id: 0 for m in self.targets}
+        self.senders = [
+            Sender(Mesh(m, self.stats), self.targets[i :: len(self.job["senders"])], 0)
+            for i, m in enumerate(self.job["senders"])
+        ]
+        for sender in self.senders:
+            sender.left = len(sender.targets) * self.per_target
+            sender.mesh.on_answer = lambda frame, sender=sender: self.answered(sender, frame)
+        if failed := await self.connect_all(self.targets, concurrency=len(self.targets)):
+            raise RuntimeError(f"{failed} meshes to make away failed to connect")
+        self.meshes = [s.mesh for s in self.senders]
+        if failed := await self.connect_all(self.meshes, concurrency=len(self.meshes)):
+            raise RuntimeError(f"{failed} senders failed to connect")
+        await asyncio.gather(*(m.leave() for m in self.targets))
+        self.kept = self.answers = self.acks_not_kept = 0
+        self.keep_done_t = 0.0
+
+    def go(self) -> None:
+        super().go()
+        self.keep_t = time.monotonic()
+        for sender in self.senders:
+            self.fill(sender)
+
+    def fill(self, sender: Sender) -> None:
+        while sender.left and sender.in_flight < self.window:
+            target = sender.targets[sender.sent % len(sender.targets)]
+            self.seqs[target.id] += 1
+            sender.sent += 1
+            sender.left -= 1
+            sender.in_flight += 1
+            seq, frame_id = self.seqs[target.id], f"k{sender.sent}".encode()
+            sender.mesh.send(self.template % (frame_id, target.id.encode(), seq, time.monotonic_ns(), seq))
+
+    def answered(self, sender: Sender, frame: Inbound) -> None:
+        sender.in_flight -= 1
+        self.answers += 1
+        if frame.type == "gateway_ack":
+            if frame.queued == 1 and frame.delivered == 0:
+                self.kept += 1
+            else:
+                self.acks_not_kept += 1
+                self.stats.error(f"relay {frame.id} to an away mesh acked delivered={frame.delivered} "
+                                 f"queued={frame.queued}, expected 0 and 1")  # fmt: skip
+        self.fill(sender)
+        if self.answers == self.per_target * len(self.targets):
+            self.keep_done_t = time.monotonic()
+            emit({"event": "done", "kept": self.kept, "keep_s": self.keep_done_t - self.keep_t})
+
+    # --- catch-up ---
+
+    def command(self, line: str) -> None:
+        if line == "catchup":
+            self.catchup_task = asyncio.get_running_loop().create_task(self.catchup())
+        elif line == "again":
+            self.again_task = asyncio.get_running_loop().create_task(self.again())
+        else:
+            super().command(line)
+
+    async def catchup(self) -> None:
+        """The first `returning` targets (default 1) authenticate again, all at once, and receive their
+        mailboxes: every frame once, in order. Times run from each one's gateway_auth_ok."""
+        returning = self.targets[: int(self.job.get("returning", 1))]
+        tracks = [Track(mesh, self.per_target, asyncio.get_running_loop().create_future()) for mesh in returning]
+        for track in tracks:
+            track.mesh.on_incoming = lambda sent_ns, seq, track=track: track.caught(seq)
+        t0 = time.monotonic()
+        try:
+            if failed := await self.connect_all(returning, concurrency=len(returning)):
+                raise ConnectionError(f"{failed} returning meshes failed to connect")
+            async with asyncio.timeout(float(self.job.get("catchup_timeout_s", 60))):
+                await asyncio.gather(*(track.complete for track in tracks))
+        except (OSError, ConnectionError, TimeoutError) as exc:
+            self.stats.error(f"catch-up: {exc!r} after {sum(t.received for t in tracks)} frames")
+        auth_ok = min((t.mesh.auth_ok_t for t in tracks if t.mesh.auth_ok_t), default=t0)
+        last = max((t.last_t for t in tracks), default=0.0) if all(t.last_t for t in tracks) else 0.0
+        emit({
+            "event": "caught_up", "connect_s": auth_ok - t0, "catchup_s": last - auth_ok if last else 0.0,
+            "first_s": max((t.first_t - t.mesh.auth_ok_t for t in tracks if t.first_t), default=0.0),
+            "slowest_s": max((t.last_t - t.mesh.auth_ok_t for t in tracks if t.last_t), default=0.0),
+        })  # fmt: skip
+        await asyncio.sleep(float(self.job.get("grace_s", 0.5)))  # anything sent twice comes now
+        self.returned, self.tracks = [t.mesh for t in tracks], tracks
+        emit({
+            "event": "checked", **{k: sum(getattr(t, k) for t in tracks) for k in Track.COUNTS},
+            "in_order": sum(t.expected - 1 for t in tracks), "complete": sum(bool(t.last_t) for t in tracks),
+        })  # fmt: skip
+
+    async def again(self) -> None:
+        """Confirmed frames are never sent again: once each returning mesh has answered a ping sent after
+        its last frame (that pong confirms them all), it leaves and authenticates once more, and must
+        receive nothing."""
+        t0 = time.monotonic()
+        deadline = t0 + float(self.job.get("confirm_timeout_s", 10))
+        self.pings = sum(m.client.pings for m in self.returned if m.client)
+
+        def unconfirmed() -> list[Track]:
+            return [t for t in self.tracks if t.mesh.client is None or t.mesh.client.ping_t <= t.last_t]
+
+        while unconfirmed() and time.monotonic() < deadline:
+            await asyncio.sleep(0.002)
+        if late := unconfirmed():
+            self.stats.error(f"{len(late)} meshes got no ping after their last kept frame")
+        confirm_wait_s = time.monotonic() - t0
+        await asyncio.gather(*(m.leave() for m in self.returned))
+        resent: list[int] = []
+        for mesh in self.returned:
+            mesh.on_incoming = lambda sent_ns, seq: resent.append(seq)
+        if failed := await self.connect_all(self.returned, concurrency=len(self.returned)):
+            self.stats.error(f"again: {failed} meshes failed to connect")
+        await asyncio.sleep(float(self.job.get("grace_s", 0.5)))
+        emit({"event": "again", "resent": len(resent), "confirm_wait_s": confirm_wait_s, "first": resent[:5]})
+
+    async def finish(self) -> dict[str, Any]:
+        unanswered = sum(s.in_flight + s.left for s in self.senders)
+        pings = getattr(self, "pings", 0)  # answered by the returning meshes during the catch-up
+        return {"kept": self.kept, "lost": unanswered, "unfinished": not self.keep_done_t,
+                "sent": sum(s.sent for s in self.senders), "pings": pings}  # fmt: skip
+
+
+@dataclass(slots=True)
+class Track:
+    """What one returning mesh received: sequence n is the n-th frame kept for it."""
+
+    COUNTS = ("received", "duplicates", "gaps", "before_auth")
+    mesh: Mesh
+    total: int
+    complete: asyncio.Future[None]
+    received: int = 0
+    duplicates: int = 0
+    gaps: int = 0  # frames missing before one received (or a reordering)
+    before_auth: int = 0
+    expected: int = 1
+    first_t: float = 0.0
+    last_t: float = 0.0
+
+    def caught(self, seq: int) -> None:
+        now = time.monotonic()
+        self.received += 1
+        if not self.mesh.auth_ok_t:
+            self.before_auth += 1
+        if seq == self.expected:
+            self.expected += 1
+        elif seq < self.expected:
+            self.duplicates += 1
+        else:
+            self.gaps += 1
+            self.expected = seq + 1
+        self.first_t = self.first_t or now
+        if self.expected - 1 == self.total and not self.last_t:
+            self.last_t = now
+            if not self.complete.done():
+                self.complete.set_result(None)
 
 
 class ConnectRole(Role):
@@ -431,6 +663,7 @@ ROLES: dict[str, type[Role]] = {
     "connect": ConnectRole,
     "watcher": WatcherRole,
     "register": RegisterRole,
+    "keep": KeepRole,
 }
 
 # --- Process ----------------------------------------------------------------------
@@ -462,6 +695,8 @@ async def main() -> None:
             role.go()
         elif line == "mark":
             role.mark()
+        else:
+            role.command(line)
     role.running = role.measuring = False
     window_s, cpu_s = time.monotonic() - role.mark_t, _cpu() - role.mark_cpu
     result = await role.finish()

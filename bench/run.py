@@ -5,6 +5,8 @@
     python bench/run.py --scenarios relay,fanout --runs 5
     python bench/run.py --servers ceiling --scenarios relay --ws wsproto --out /tmp/wsproto.json
     python bench/run.py --scenarios cluster --runs 3 --no-readme --out /tmp/cluster.json   # 1 process vs 3 + Redis
+    python bench/run.py --scenarios relay-offline,fanout-max-offline,fanout-away,catchup,kept-100k \
+        --runs 1 --no-readme --out /tmp/offline.json          # offline delivery
 
 Exit status: 0 when every scenario ran clean, 1 when any failed (lost messages,
 unexpected closes, errors, a server that would not start).
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -27,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # runnable as a script
 
 import uvloop  # noqa: E402
 
-from scenarios import FULL, QUICK, SCENARIOS, Context, Outcome, seed_registry  # noqa: E402
+from scenarios import FULL, QUICK, SCENARIOS, Context, Outcome, seed_key, seed_registry  # noqa: E402
 from servers import BENCH_DIR, PYTHON, ClusterSpec, ServerSpec, Spec, busy_seconds  # noqa: E402
 
 log = logging.getLogger("bench")
@@ -42,13 +46,38 @@ REPO = BENCH_DIR.parent
 RESULTS = BENCH_DIR / "results.json"
 README = BENCH_DIR / "README.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-KINDS = ("gateway", "ceiling", "cluster")
-SERVERS = ("gateway", "ceiling")  # --servers; `cluster` runs in the cluster scenario only
-# Which server is compared with which: numerator, denominator (default: gateway / ceiling).
-RATIOS: dict[str, tuple[str, str]] = {"cluster": ("cluster", "gateway")}
+SERVERS = ("gateway", "ceiling")  # --servers; the other sides run only in the scenarios that compare them
 NOISY_PCT = 25.0
-BENCH_ENV = {"RATE_LIMIT_PER_MIN": "100000000"}  # everything else as in production
+# Rate limits lifted (one client machine sends everything); everything else as in production.
+# A gateway ignores the variables it does not know.
+LIFTED = "100000000"
+BENCH_ENV = {"RATE_LIMIT_PER_MIN": LIFTED, "UPDATE_RATE_PER_MIN": LIFTED, "REGISTER_PER_MIN": LIFTED}
 
+
+@dataclass(frozen=True)
+class Side:
+    """One side of a comparison: the label its records carry (`server` in the JSON), which server
+    runs, and the scenario's options."""
+
+    label: str
+    kind: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+GATEWAY, OFFLINE_OFF = Side("gateway", "gateway"), Side("offline-off", "offline-off")
+# Scenarios compared with something other than the ceiling: (baseline, measured), run in that order
+# (reversed every other run); the ratio is measured / baseline, run by run. They need `gateway` in --servers.
+SIDES: dict[str, tuple[Side, ...]] = {
+    "cluster": (GATEWAY, Side("cluster", "cluster")),
+    "relay-offline": (OFFLINE_OFF, Side("gateway", "gateway", {"offline": True})),
+    "fanout-max-offline": (OFFLINE_OFF, Side("gateway", "gateway", {"offline": True})),
+    "fanout-away": (Side("gateway", "gateway", {"away_pct": 0.0}), Side("away", "gateway", {"away_pct": None})),
+    "catchup": (GATEWAY,),  # no ceiling: it keeps nothing
+    "kept-100k": (GATEWAY,),
+}
+
+# Scenarios left out of --quick unless named (the quick run must stay ~25 s; see the README).
+QUICK_SKIP: tuple[str, ...] = ("relay-offline", "fanout-max-offline", "kept-100k")
 # Table rows: scenario -> (metric, label, higher is better)
 HEADLINES: dict[str, list[tuple[str, str, bool]]] = {
     "relay": [("msgs_per_s", "delivered msg/s", True), ("p50_ms", "p50 ms", False), ("p99_ms", "p99 ms", False)],
@@ -70,6 +99,7 @@ def server_specs(args: argparse.Namespace, tmp: Path) -> dict[str, Spec]:
     single = ServerSpec("gateway", [PYTHON, str(gateway)], env=BENCH_ENV)
     return {
         "gateway": single,
+        "offline-off": ServerSpec("offline-off", single.argv, env={**BENCH_ENV, "OFFLINE_TTL_S": "0"}),
         "ceiling": ServerSpec(
             "ceiling", [PYTHON, str(BENCH_DIR / "ceiling.py"), "--ws", args.ws], port_flag=True, uses_registry=False
         ),
@@ -77,11 +107,26 @@ def server_specs(args: argparse.Namespace, tmp: Path) -> dict[str, Spec]:
     }
 
 
-def servers_for(name: str, servers: list[str]) -> list[str]:
-    """`cluster` compares the cluster with the single-process gateway in the same run; the rest use --servers."""
-    if name == "cluster":
-        return ["gateway", "cluster"] if "gateway" in servers else []
-    return servers
+def sides_for(name: str, servers: list[str], scale: Any) -> list[Side]:
+    """What a scenario runs on: its SIDES when it has any (with `gateway` in --servers), else each of --servers."""
+    if name not in SIDES:
+        return [Side(kind, kind) for kind in servers]
+    if "gateway" not in servers:
+        return []
+    # `away_pct: None` is the scale's share (tiny meshes counts under --quick still leave one mesh away).
+    return [
+        dataclasses.replace(side, options={k: scale.away_pct if v is None and k == "away_pct" else v
+                                           for k, v in side.options.items()})
+        for side in SIDES[name]
+    ]  # fmt: skip
+
+
+def ratio_of(name: str) -> tuple[str, str]:
+    """(numerator, denominator) labels of a scenario's ratio."""
+    sides = SIDES.get(name)
+    if sides is None:
+        return "gateway", "ceiling"
+    return (sides[-1].label, sides[0].label) if len(sides) > 1 else (sides[0].label, "")
 
 
 def raise_nofile() -> None:
@@ -117,20 +162,21 @@ def source_sha(spec: Spec) -> str:
     return hashlib.sha256(script.read_bytes()).hexdigest()[:12] if script.is_file() else "missing"
 
 
-async def run_one(name: str, spec: Spec, ctx: Context, run: int) -> dict[str, Any]:
+async def run_one(name: str, side: Side, spec: Spec, ctx: Context, run: int) -> dict[str, Any]:
     if ctx.scale is not QUICK:
         await wait_for_quiet()
     t0 = time.monotonic()
     sha = source_sha(spec)
     try:
-        if spec.uses_registry and spec.kind not in ctx.seeds:
+        if spec.uses_registry and seed_key(spec) not in ctx.seeds:
             await seed_registry(spec, ctx)
-        outcome = await SCENARIOS[name](spec, ctx)
+        outcome = await SCENARIOS[name](spec, ctx, **side.options)
     except Exception as exc:  # one failed scenario must not stop the others
-        log.exception("%s on %s failed", name, spec.kind)
+        log.exception("%s on %s failed", name, side.label)
         outcome = Outcome(errors=[f"{type(exc).__name__}: {exc}"])
     record = {
-        "run": run, "scenario": name, "server": spec.kind, "source_sha": sha, "ok": outcome.ok,
+        "run": run, "scenario": name, "server": side.label, "kind": spec.kind, "options": side.options,
+        "source_sha": sha, "ok": outcome.ok,
         "metrics": outcome.metrics, "server_cpu_pct": outcome.server_cpu_pct,
         "loadgen_cpu_pct": outcome.loadgen_cpu_pct, "other_cpu_pct": outcome.other_cpu_pct,
         "errors": outcome.errors[:20],
@@ -138,7 +184,7 @@ async def run_one(name: str, spec: Spec, ctx: Context, run: int) -> dict[str, An
         "noisy": outcome.other_cpu_pct > NOISY_PCT,  # someone else used the CPUs meanwhile: rerun if it matters
     }  # fmt: skip
     level = logging.INFO if outcome.ok else logging.ERROR
-    log.log(level, "run %d %-10s %-8s %s cpu %% server %.0f loadgen %.0f other %.0f %s", run, name, spec.kind,
+    log.log(level, "run %d %-10s %-8s %s cpu %% server %.0f loadgen %.0f other %.0f %s", run, name, side.label,
             {k: round(v, 3) for k, v in outcome.metrics.items()}, outcome.server_cpu_pct,
             outcome.loadgen_cpu_pct, outcome.other_cpu_pct, outcome.errors[:3])  # fmt: skip
     return record
@@ -167,22 +213,23 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     compared (`RATIOS`: gateway/ceiling, or cluster/gateway) run by run."""
     summary: dict[str, Any] = {}
     for name in {r["scenario"] for r in records}:
-        top, bottom = RATIOS.get(name, ("gateway", "ceiling"))
+        top, bottom = ratio_of(name)
         ran = [r for r in records if r["scenario"] == name]
         rows = [r for r in ran if r["ok"]]
         by_run = {(r["server"], r["run"]): r for r in rows}
         metrics = sorted({m for r in rows for m in r["metrics"]})
         failed = [r["server"] for r in ran if not r["ok"]]
+        labels = list(dict.fromkeys(r["server"] for r in ran))
         entry: dict[str, Any] = {
-            "servers": {k: n for k in KINDS if (n := sum(r["server"] == k for r in ran))},  # kind -> runs
-            "ratio": f"{top}/{bottom}",
-            "failed_runs": {k: failed.count(k) for k in KINDS},
+            "servers": {k: sum(r["server"] == k for r in ran) for k in labels},  # label -> runs
+            "ratio": f"{top}/{bottom}" if bottom else None,
+            "failed_runs": {k: failed.count(k) for k in labels},
         }
         for metric in [*metrics, "server_cpu_pct", "loadgen_cpu_pct", "other_cpu_pct"]:
             def value(r: dict[str, Any]) -> float:
                 return r[metric] if metric.endswith("cpu_pct") else r["metrics"].get(metric, float("nan"))
 
-            entry[metric] = {k: spread([value(r) for r in rows if r["server"] == k]) for k in KINDS}
+            entry[metric] = {k: spread([value(r) for r in rows if r["server"] == k]) for k in labels}
             ratios = [
                 value(by_run[(top, run)]) / value(by_run[(bottom, run)])
                 for (kind, run) in by_run
@@ -205,7 +252,7 @@ def cell(entry: dict[str, Any], e: dict[str, Any], kind: str | None, *, note: bo
     """One server's figure: "–" when it did not run (or has no such figure), "failed" when every run failed."""
     if kind is None or kind not in entry["servers"]:
         return "–"
-    failed = entry["failed_runs"][kind]
+    failed = entry["failed_runs"].get(kind, 0)
     if e.get(kind) is None:
         return "failed" if failed == entry["servers"][kind] else "–"
     return fmt(e[kind]) + (f" **{failed} run(s) failed**" if failed and note else "")
@@ -219,11 +266,14 @@ def table(report: dict[str, Any]) -> str:
         f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['system']}, Python {m['python']}. "
         f"Date: {report['date']}. Commit: `{report['commit']}` (gateway.py sha256 `{versions}`). "
         f"Runs: {report['runs']}, median (min–max).",
-        "",
-        f"| scenario | metric | gateway | {ceiling} | gateway/ceiling "
-        "| server CPU % gw / ceil | loadgen CPU % gw / ceil |",
-        "|---|---|---|---|---|---|---|",
     ]
+    if any(name in report["summary"] for name in HEADLINES):
+        lines += [
+            "",
+            f"| scenario | metric | gateway | {ceiling} | gateway/ceiling "
+            "| server CPU % gw / ceil | loadgen CPU % gw / ceil |",
+            "|---|---|---|---|---|---|---|",
+        ]
     for name, headlines in HEADLINES.items():
         entry = report["summary"].get(name)
         if entry is None:
@@ -247,6 +297,70 @@ def table(report: dict[str, Any]) -> str:
             lines.append("| " + " | ".join(cells) + " |")
     if "cluster" in report["summary"]:
         lines += ["", cluster_table(report["summary"]["cluster"])]
+    if any(name in report["summary"] for name in OFFLINE_HEADLINES):
+        lines += ["", offline_table(report["summary"])]
+    return "\n".join(lines)
+
+
+# Offline delivery rows: scenario -> (title, [(metric, label, target)]); target: (">=" | "<", value) or None.
+OFFLINE_HEADLINES: dict[str, tuple[str, list[tuple[str, str, tuple[str, float] | None]]]] = {
+    "relay-offline": ("relay-offline (on / OFFLINE_TTL_S=0)", [
+        ("msgs_per_s", "delivered msg/s", (">=", 0.95)), ("p50_ms", "p50 ms", None), ("p99_ms", "p99 ms", None)]),
+    "fanout-max-offline": ("fanout-max-offline (on / OFFLINE_TTL_S=0)", [
+        ("deliveries_per_s", "deliveries/s", (">=", 0.95))]),
+    "fanout-away": ("fanout-away (10 % away / all connected)", [
+        ("broadcasts_per_s", "broadcasts/s", (">=", 0.8)), ("deliveries_per_s", "deliveries/s", None),
+        ("p50_ms", "p50 ms", None), ("p99_ms", "p99 ms", None), ("queued_after", "kept frames after", None)]),
+    "catchup": ("catchup (10,000 frames, one mesh)", [
+        ("catchup_frames_per_s", "catch-up frames/s", (">=", 20_000)),
+        ("catchup_rss_growth_mb", "RSS growth MB (peak)", ("<", 10)),
+        ("first_frame_ms", "auth_ok to 1st frame ms", None),
+        ("kept_per_s", "kept (acked) frames/s", None),
+        ("confirm_wait_ms", "last frame to its ping ms", None),
+        ("resent_after_confirm", "sent again after confirmed", None)]),
+    "kept-100k": ("kept-100k (~1 KB frames, 10 meshes)", [
+        ("keep_s", "s to keep all", None), ("kept_per_s", "kept frames/s", None),
+        ("rss_before_mb", "RSS before MB", None), ("rss_after_mb", "RSS after MB", None),
+        ("rss_growth_mb", "RSS growth MB", None), ("rss_peak_growth_mb", "RSS peak growth MB", None),
+        ("db_mb", "database MB", None),
+        ("catchup_frames_per_s", "catch-up frames/s (all 10 at once)", None),
+        ("catchup_rss_growth_mb", "catch-up RSS growth MB (peak)", None)]),
+}  # fmt: skip
+
+
+def offline_table(summary: dict[str, Any]) -> str:
+    """The offline-delivery scenarios: each against its baseline from the same run, and the targets."""
+    lines = [
+        "Offline delivery: each scenario against its baseline in the same run (the ratio is measured/baseline "
+        "per run, median); `catchup` and `kept-100k` have no baseline, their targets are absolute.",
+        "",
+        "| scenario | metric | measured | baseline | ratio | target | server CPU % | loadgen CPU % |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, (title, headlines) in OFFLINE_HEADLINES.items():
+        entry = summary.get(name)
+        if entry is None:
+            continue
+        top, bottom = ratio_of(name)
+        cpu, load = entry["server_cpu_pct"], entry["loadgen_cpu_pct"]
+        for i, (metric, label, target) in enumerate(headlines):
+            e = entry.get(metric, {})
+            ratio = e.get("ratio")
+            judged = ratio if bottom else e.get(top)
+            verdict = "–"
+            if target is not None:
+                op, bound = target
+                verdict = f"{'≥' if op == '>=' else '<'} {bound:,g}"
+                if judged is not None:
+                    met = judged["median"] >= bound if op == ">=" else judged["median"] < bound
+                    verdict += ": met" if met else ": **missed**"
+            cells = [
+                title if i == 0 else "", label, cell(entry, e, top), cell(entry, e, bottom or None),
+                f"{ratio['median']:.3g}" if ratio else "–", verdict,
+                f"{cell(entry, cpu, top, note=False)} / {cell(entry, cpu, bottom or None, note=False)}" if i == 0 else "",
+                f"{cell(entry, load, top, note=False)} / {cell(entry, load, bottom or None, note=False)}" if i == 0 else "",
+            ]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -299,7 +413,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Mesh Gateway benchmark (gateway vs ceiling)")
     p.add_argument("--quick", action="store_true", help="tiny counts, one run, seconds (the test suite's smoke run)")
     p.add_argument("--runs", type=int, default=None, help="alternating runs per server (default 3, quick 1)")
-    p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma list of {', '.join(SCENARIOS)}")
+    p.add_argument("--scenarios", default=None,
+                   help=f"comma list of {', '.join(SCENARIOS)} (default all; --quick: all but {', '.join(QUICK_SKIP)})")  # fmt: skip
     p.add_argument("--servers", default="gateway,ceiling",
                    help="comma list of gateway, ceiling (`cluster` always runs gateway and the cluster)")  # fmt: skip
     p.add_argument("--ws", default="websockets-sansio", choices=["websockets-sansio", "websockets", "wsproto"],
@@ -310,6 +425,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--readme", action=argparse.BooleanOptionalAction, default=None,
                    help="write the table into bench/README.md (default: when writing bench/results.json)")  # fmt: skip
     args = p.parse_args(argv)
+    if args.scenarios is None:
+        args.scenarios = ",".join(name for name in SCENARIOS if not (args.quick and name in QUICK_SKIP))
     args.scenarios = [s for s in args.scenarios.split(",") if s]
     args.servers = [s for s in args.servers.split(",") if s]
     if unknown := [s for s in args.scenarios if s not in SCENARIOS]:
@@ -327,16 +444,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 async def bench(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
     specs = server_specs(args, tmp)
     ctx = Context(tmp=tmp, scale=QUICK if args.quick else FULL)
-    if "cluster" in args.scenarios and "gateway" not in args.servers:
-        log.warning("cluster skipped: it compares the cluster with the gateway, which --servers leaves out")
+    if skipped := [name for name in args.scenarios if name in SIDES and "gateway" not in args.servers]:
+        log.warning("%s skipped: they run on the gateway, which --servers leaves out", ", ".join(skipped))
     records = []
     for run in range(args.runs):
         for name in args.scenarios:
             # Alternate which server goes first so slow drift (heat, page cache) hits both equally.
-            servers = servers_for(name, args.servers)
-            kinds = servers if run % 2 == 0 else servers[::-1]
-            for kind in kinds:
-                records.append(await run_one(name, specs[kind], ctx, run))
+            sides = sides_for(name, args.servers, ctx.scale)
+            for side in sides if run % 2 == 0 else sides[::-1]:
+                records.append(await run_one(name, side, specs[side.kind], ctx, run))
     return records
 
 
@@ -355,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": start_commit, "machine": machine(),
-        "gateway_versions": sorted({r["source_sha"] for r in records if r["server"] in ("gateway", "cluster")}),
+        "gateway_versions": sorted({r["source_sha"] for r in records if r["kind"] != "ceiling"}),
         "runs": args.runs, "quick": args.quick, "ws": args.ws,
         "scenarios": args.scenarios, "servers": args.servers, "elapsed_s": round(time.monotonic() - started, 1),
         "summary": summarize(records), "records": records,

@@ -2,13 +2,19 @@
 it launches a fresh server from `spec`, drives it with loadgen workers, and
 measures. `cluster` is the relay workload again: on a single process it is
 `relay`; on a cluster (several gateways, one redis-server) each pair's two
-meshes connect to different processes, so every message crosses Redis."""
+meshes connect to different processes, so every message crosses Redis.
+
+Offline delivery: `relay-offline` and `fanout-max-offline` are `relay` and
+`fanout-max` again, run on the gateway and on the gateway with
+`OFFLINE_TTL_S=0`; `fanout-away` is the `fanout-max` load with some receivers
+away; `catchup` and `kept-100k` keep frames for away meshes (and deliver
+them). Scenario options (`offline`, `away_pct`) come from run.py's sides."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
+import signal
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -16,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from servers import Cluster, Fleet, Server, Spec, busy_seconds
+from servers import Cluster, Fleet, Running, Server, Spec, Store, busy_seconds
 
 log = logging.getLogger("bench")
 
@@ -39,18 +45,28 @@ class Scale:
     settle_s: float = 1.0  # after 10k connects, before reading RSS
     timeout_s: float = 240.0  # bound on any one wait (connects, storms, registrations)
     check_rate: bool = True  # fail `fanout` below 95 % of the offered rate (too noisy for sub-second windows)
+    away_pct: float = 10.0  # `fanout-away`: share of the receivers that are away
+    catchup: int = 10_000  # `catchup`: frames kept for the one away mesh, then delivered
+    kept: int = 100_000  # `kept-100k`: frames kept in all ...
+    kept_meshes: int = 10  # ... for this many away meshes (kept / kept_meshes <= OFFLINE_MAX_MESSAGES)
+    kept_senders: int = 4
+    kept_frame_bytes: int = 1024  # `kept-100k`: each relay on the wire (`catchup` sends the usual ~300 B)
+    keep_window: int = 256  # relays per sender awaiting their gateway_ack (sent once the frame is durable)
+    grace_s: float = 0.5  # after the last catch-up frame: time for a frame sent twice to show up
 
     @property
     def universe(self) -> list[str]:
         """Every mesh id a scenario may use; the gateway gets them registered once."""
-        n = max(self.conns, self.storm + 1, self.fanout_meshes, 2 * self.relay_pairs)
+        kept = self.kept_meshes + self.kept_senders
+        n = max(self.conns, self.storm + 1, self.fanout_meshes, 2 * self.relay_pairs, kept)
         return [mesh_id(i) for i in range(n)]
 
 
 FULL = Scale()
 QUICK = Scale(
-    relay_pairs=2, relay_window=8, warmup_s=0.2, measure_s=0.5, fanout_meshes=6, fanout_rate=50.0,
+    relay_pairs=2, relay_window=8, warmup_s=0.1, measure_s=0.3, fanout_meshes=6, fanout_rate=50.0,
     fanout_window=4, conns=40, storm=30, register=40, workers=2, settle_s=0.2, timeout_s=30.0, check_rate=False,
+    catchup=200, kept=400, kept_meshes=4, kept_senders=2, keep_window=16, grace_s=0.1,
 )  # fmt: skip
 
 
@@ -62,24 +78,21 @@ def mesh_id(i: int) -> str:
 class Context:
     tmp: Path
     scale: Scale
-    seeds: dict[str, Path] = field(default_factory=dict)  # server kind -> prepared registry
+    seeds: dict[tuple[str, ...], Store] = field(default_factory=dict)  # server command -> the seeded store
 
-    def registry(self, spec: Spec, *, empty: bool = False) -> Path | None:
-        """A private copy of the prepared registry and its journal (or a new empty one) for one server run."""
+    def store(self, spec: Spec, *, empty: bool = False) -> Store | None:
+        """A private copy of the seeded store (or a new empty one) for one server run."""
         if not spec.uses_registry:
             return None
-        path = self.tmp / f"registry-{time.monotonic_ns()}.json"
-        if not empty and spec.kind in self.seeds:
-            seed = self.seeds[spec.kind]
-            for source, target in ((seed, path), (journal(seed), journal(path))):
-                if source.exists():
-                    shutil.copy(source, target)
-        return path
+        store = Store.fresh(self.tmp, spec.kind)
+        if not empty and (seed := self.seeds.get(seed_key(spec))):
+            seed.copy_to(store)
+        return store
 
 
-def journal(registry: Path) -> Path:
-    """The gateway keeps `<REGISTRY_PATH>` plus the changes since in `<REGISTRY_PATH>.journal`."""
-    return registry.with_name(registry.name + ".journal")
+def seed_key(spec: Spec) -> tuple[str, ...]:
+    """Servers started by the same command share one seed (the gateway with offline delivery off, too)."""
+    return tuple(spec.argv)
 
 
 @dataclass
@@ -188,12 +201,13 @@ def latency(results: list[dict[str, Any]]) -> dict[str, float]:
 # --- Scenarios ---------------------------------------------------------------------
 
 
-async def relay(spec: Spec, ctx: Context) -> Outcome:
+async def relay(spec: Spec, ctx: Context, *, offline: bool = False) -> Outcome:
     """Sender/receiver pairs. With several processes (a cluster), pair i's sender connects to
-    process i and its receiver to process i+1 (mod n): every relay crosses the backplane."""
+    process i and its receiver to process i+1 (mod n): every relay crosses the backplane.
+    `offline`: the server must have offline delivery on (`away` in /health)."""
     s = ctx.scale
     pairs = [(mesh_id(2 * i), mesh_id(2 * i + 1)) for i in range(s.relay_pairs)]
-    async with spec.launch(ctx.tmp, registry=ctx.registry(spec)) as server, Fleet(ctx.tmp, "relay") as fleet:
+    async with spec.launch(ctx.tmp, store=ctx.store(spec)) as server, Fleet(ctx.tmp, "relay") as fleet:
         if isinstance(server, Cluster):  # its registry is in Redis, empty: register over HTTP
             await register_meshes(server, ctx, [m for pair in pairs for m in pair], workers=1)
         ports = [port for _, port in server.endpoints]
@@ -205,6 +219,7 @@ async def relay(spec: Spec, ctx: Context) -> Outcome:
         await fleet.start(jobs)
         spread = await server.connected() if isinstance(server, Cluster) else {}
         results, meter = await measured_window(server, fleet, ctx)
+        health = await server.health() or {}
     window = statistics.mean(r["window_s"] for r in results)
     lat = latency(results)
     rate = sum(r["count"] for r in results) / window
@@ -213,17 +228,47 @@ async def relay(spec: Spec, ctx: Context) -> Outcome:
     out = outcome(metrics, meter, results)
     if spread and spread != {port: list(placed.values()).count(port) for port in ports}:
         out.errors.append(f"meshes per process (port: /health connected) {spread}, not as placed")
+    if offline:
+        out.errors += offline_on(health)
     return out
 
 
-async def _fanout(spec: Spec, ctx: Context, *, rate: float) -> tuple[Outcome, list[dict[str, Any]]]:
+def offline_on(health: dict[str, Any]) -> list[str]:
+    """A gateway without offline delivery would make an on/off comparison compare a gateway with itself."""
+    if "away" in health and "queued" in health:
+        return []
+    return [f"/health has no `away`/`queued` (offline delivery off or missing): {health}"]
+
+
+async def _fanout(
+    spec: Spec, ctx: Context, *, rate: float, away_pct: float = 0.0, offline: bool = False
+) -> tuple[Outcome, list[dict[str, Any]]]:
+    """One broadcaster, the other meshes receiving; `away_pct` of the receivers authenticate once and
+    leave before the measurement (they are away: every broadcast is kept for them)."""
     s = ctx.scale
     meshes = [mesh_id(i) for i in range(s.fanout_meshes)]
-    async with spec.launch(ctx.tmp, registry=ctx.registry(spec)) as server, Fleet(ctx.tmp, "fanout") as fleet:
-        params = {"sender": meshes[0], "receivers": meshes[1:], "rate": rate, "window": s.fanout_window}
+    receivers = meshes[1:]
+    n_away = max(1, round(len(receivers) * away_pct / 100)) if away_pct else 0
+    away, receivers = receivers[len(receivers) - n_away :], receivers[: len(receivers) - n_away]
+    errors: list[str] = []
+    async with spec.launch(ctx.tmp, store=ctx.store(spec)) as server, Fleet(ctx.tmp, "fanout") as fleet:
+        params = {"sender": meshes[0], "receivers": receivers, "rate": rate, "window": s.fanout_window, "away": away}
         await fleet.start([job("fanout", server, ctx, **params)])
+        if away or offline:
+            _, errors = await until_health(server, {"away": len(away)}, ctx)
         results, meter = await measured_window(server, fleet, ctx)
-    return outcome({"deliveries_per_s": results[0]["count"] / results[0]["window_s"]}, meter, results), results
+        health = await server.health() or {}
+    deliveries = results[0]["count"] / results[0]["window_s"]
+    metrics = {"deliveries_per_s": deliveries, "broadcasts_per_s": deliveries / len(receivers)}
+    if away:
+        metrics.update(away=len(away), queued_after=health.get("queued", float("nan")))
+    out = outcome(metrics, meter, results)
+    out.errors += errors
+    if offline:
+        out.errors += offline_on(health)
+    if away and not health.get("queued"):
+        out.errors.append(f"{len(away)} meshes away, yet /health says nothing was kept: {health}")
+    return out, results
 
 
 async def fanout(spec: Spec, ctx: Context) -> Outcome:
@@ -235,8 +280,15 @@ async def fanout(spec: Spec, ctx: Context) -> Outcome:
     return out
 
 
-async def fanout_max(spec: Spec, ctx: Context) -> Outcome:
-    return (await _fanout(spec, ctx, rate=0.0))[0]
+async def fanout_max(spec: Spec, ctx: Context, *, offline: bool = False) -> Outcome:
+    return (await _fanout(spec, ctx, rate=0.0, offline=offline))[0]
+
+
+async def fanout_away(spec: Spec, ctx: Context, *, away_pct: float = 0.0) -> Outcome:
+    """The `fanout-max` load with `away_pct` of the receivers away (0: all connected, the baseline)."""
+    out, results = await _fanout(spec, ctx, rate=0.0, away_pct=away_pct, offline=True)
+    out.metrics.update(latency(results))
+    return out
 
 
 def elapsed(results: list[dict[str, Any]]) -> float:
@@ -248,7 +300,7 @@ async def conns(spec: Spec, ctx: Context) -> Outcome:
     """Idle authenticated meshes whose clients offer permessage-deflate, as Node's `ws` does."""
     s = ctx.scale
     meshes = [mesh_id(i) for i in range(s.conns)]
-    async with spec.launch(ctx.tmp, registry=ctx.registry(spec)) as server, Fleet(ctx.tmp, "conns") as fleet:
+    async with spec.launch(ctx.tmp, store=ctx.store(spec)) as server, Fleet(ctx.tmp, "conns") as fleet:
         rss0 = server.rss()
         jobs = [job("connect", server, ctx, meshes=c, concurrency=64, deflate=True) for c in chunks(meshes, s.workers)]
         await fleet.start(jobs)
@@ -281,7 +333,7 @@ async def auth_storm(spec: Spec, ctx: Context) -> Outcome:
     s = ctx.scale
     meshes = [mesh_id(i) for i in range(s.storm)]
     async with (
-        spec.launch(ctx.tmp, registry=ctx.registry(spec)) as server,
+        spec.launch(ctx.tmp, store=ctx.store(spec)) as server,
         Fleet(ctx.tmp, "watcher") as watcher,
         Fleet(ctx.tmp, "storm") as storm,
     ):
@@ -313,8 +365,7 @@ async def register(spec: Spec, ctx: Context) -> Outcome:
     """Registrations into an empty registry from `register_clients` concurrent keep-alive connections."""
     s = ctx.scale
     meshes = [f"r-{i:05d}" for i in range(s.register)]
-    registry = ctx.registry(spec, empty=True)
-    async with spec.launch(ctx.tmp, registry=registry) as server, Fleet(ctx.tmp, "register") as fleet:
+    async with spec.launch(ctx.tmp, store=ctx.store(spec, empty=True)) as server, Fleet(ctx.tmp, "register") as fleet:
         # One process holding the clients' keep-alive connections: cheaper than one process each.
         await fleet.start([job("register", server, ctx, meshes=meshes, conns=s.register_clients)])
         fleet.send("go")
@@ -330,19 +381,196 @@ async def register(spec: Spec, ctx: Context) -> Outcome:
     return out
 
 
+# --- Offline delivery -----------------------------------------------------------------
+
+
+async def until_health(
+    server: Server, want: dict[str, int], ctx: Context, *, at_least: bool = False
+) -> tuple[dict[str, Any], list[str]]:
+    """Poll /health (bounded) until each field in `want` has that value (or more, with `at_least`)."""
+    deadline = time.monotonic() + min(10.0, ctx.scale.timeout_s / 4)
+    health: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        health = await server.health() or {}
+        got = {k: health.get(k) for k in want}
+        if all(isinstance(v, int) and (v >= want[k] if at_least else v == want[k]) for k, v in got.items()):
+            return health, []
+        await asyncio.sleep(0.02)
+    return health, [f"/health never reached {want}{' or more' if at_least else ''}: {health}"]
+
+
+MB = 1e6  # the offline-delivery scenarios report memory in MB, as their targets are set
+
+
+class RssPeak:
+    """The server's RSS before a phase and its peak during it, sampled every few ms in the background."""
+
+    def __init__(self, server: Server, interval_s: float = 0.002) -> None:
+        self.server, self.interval_s = server, interval_s
+        self.before = self.peak = self.after = 0
+
+    async def __aenter__(self) -> RssPeak:
+        self.before = self.peak = self.server.rss()
+        self.task = asyncio.get_running_loop().create_task(self.sample())
+        return self
+
+    async def sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, self.server.rss())
+            await asyncio.sleep(self.interval_s)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.task.cancel()
+        self.after = self.server.rss()
+        self.peak = max(self.peak, self.after)
+
+
+async def keep(
+    server: Server, fleet: Fleet, ctx: Context, *, away: list[str], senders: list[str], per_target: int, **params: Any
+) -> tuple[dict[str, float], list[str], Meter]:
+    """Make `away` meshes away, then relay `per_target` frames to each (with ids) until every one is acked
+    as kept (`queued: 1`) and /health counts them; RSS before and after, keep time, CPU while keeping."""
+    s = ctx.scale
+    total = per_target * len(away)
+    params |= {"away": away, "senders": senders, "per_target": per_target, "window": s.keep_window}
+    await fleet.start([job("keep", server, ctx, grace_s=s.grace_s, **params)])
+    health, errors = await until_health(server, {"away": len(away), "queued": 0}, ctx)
+    if errors:  # no offline delivery: nothing would be kept
+        return {}, errors, Meter(server).stop()
+    async with RssPeak(server, interval_s=0.01) as rss:
+        meter = Meter(server)
+        fleet.send("go")
+        try:
+            done = (await fleet.expect("done", s.timeout_s))[0]
+        except TimeoutError:
+            return {}, [f"keeping {total} frames did not finish within {s.timeout_s:.0f}s"], meter.stop()
+        meter.stop()
+        health, late = await until_health(server, {"queued": total}, ctx, at_least=True)
+    await asyncio.sleep(s.settle_s)
+    metrics = {
+        "keep_s": done["keep_s"],
+        "kept_per_s": total / done["keep_s"],
+        "kept": done["kept"],
+        "queued": health.get("queued", float("nan")),
+        "rss_before_mb": rss.before / MB,
+        "rss_after_mb": server.rss() / MB,
+        "rss_growth_mb": (server.rss() - rss.before) / MB,
+        "rss_peak_growth_mb": (rss.peak - rss.before) / MB,
+    }
+    if isinstance(server, Running) and server.store is not None:
+        metrics["db_mb"] = server.store.size() / MB  # the database, its WAL and shared-memory files
+    if done["kept"] != total:
+        late.append(f"{done['kept']}/{total} relays acked as kept (queued: 1)")
+    return metrics, late, meter
+
+
+async def come_back(
+    server: Server, fleet: Fleet, ctx: Context, *, total: int, again: bool = False
+) -> tuple[dict[str, float], list[str], Meter]:
+    """The kept-for meshes authenticate again (`catchup`): frames/s from gateway_auth_ok until the last
+    of `total`, each once and in order; the server's RSS at its peak meanwhile. `again`: once the
+    meshes have confirmed everything (answered a ping sent after it), they leave and come back once
+    more, and must receive nothing."""
+    s = ctx.scale
+    async with RssPeak(server) as rss:
+        meter = Meter(server)
+        fleet.send("catchup")
+        caught = (await fleet.expect("caught_up", s.timeout_s + 60))[0]
+        meter.stop()
+    # /health stops counting a mesh's kept frames when it authenticates (not when they are confirmed).
+    _, errors = await until_health(server, {"queued": 0, "away": 0}, ctx)
+    caught |= (await fleet.expect("checked", s.grace_s + 10))[0]  # after a grace: any frame sent twice
+    metrics = {
+        "catchup_frames_per_s": total / caught["catchup_s"] if caught["catchup_s"] else 0.0,
+        "catchup_s": caught["catchup_s"],
+        "first_frame_ms": caught["first_s"] * 1000,  # gateway_auth_ok to the first kept frame (the slowest mesh)
+        "catchup_rss_growth_mb": (rss.peak - rss.before) / MB,
+        "catchup_rss_before_mb": rss.before / MB,
+        "catchup_rss_peak_mb": rss.peak / MB,
+        "received": caught["received"],
+        "duplicates": caught["duplicates"],
+    }
+    if caught["in_order"] != total or caught["received"] != total:
+        errors.append(f"catch-up: {caught['received']} frames received, {caught['in_order']} of {total} in order")
+    if caught["duplicates"] or caught["gaps"]:
+        errors.append(f"catch-up: {caught['duplicates']} sent again, {caught['gaps']} gaps or reorderings")
+    if caught["before_auth"]:
+        errors.append(f"catch-up: {caught['before_auth']} frames before gateway_auth_ok")
+    if again:
+        fleet.send("again")
+        second = (await fleet.expect("again", s.grace_s + 30))[0]
+        metrics |= {"resent_after_confirm": second["resent"], "confirm_wait_ms": second["confirm_wait_s"] * 1000}
+        if second["resent"]:
+            errors.append(f"confirmed frames sent again on the next auth: {second['resent']} (seqs {second['first']})")
+    return metrics, errors, meter
+
+
+async def catchup(spec: Spec, ctx: Context) -> Outcome:
+    """One mesh authenticates once and leaves; `catchup` frames are kept for it; it authenticates again:
+    frames/s from gateway_auth_ok to the last one, every one once and in order, and the RSS it costs."""
+    s = ctx.scale
+    target, sender = mesh_id(0), mesh_id(1)
+    async with spec.launch(ctx.tmp, store=ctx.store(spec)) as server, Fleet(ctx.tmp, "catchup") as fleet:
+        metrics, errors, meter = await keep(server, fleet, ctx, away=[target], senders=[sender], per_target=s.catchup)
+        if not errors:
+            back, errors, meter = await come_back(server, fleet, ctx, total=s.catchup, again=True)
+            metrics |= back
+        results = await fleet.results()
+    if "received" in metrics:
+        metrics["pings"] = results[0]["pings"]  # the gateway's pings the returning mesh answered
+    out = outcome(metrics, meter, results)
+    out.errors[:0] = errors
+    return out
+
+
+async def kept_100k(spec: Spec, ctx: Context) -> Outcome:
+    """`kept` frames of ~1 KB kept for `kept_meshes` away meshes: the RSS stays flat (they live in the
+    database). Then every one of them comes back at once and gets its mailbox (`catchup_*` figures)."""
+    s = ctx.scale
+    away = [mesh_id(i) for i in range(s.kept_meshes)]
+    senders = [mesh_id(s.kept_meshes + i) for i in range(s.kept_senders)]
+    per_target = s.kept // s.kept_meshes
+    async with spec.launch(ctx.tmp, store=ctx.store(spec)) as server, Fleet(ctx.tmp, "kept") as fleet:
+        params = {"frame_bytes": s.kept_frame_bytes, "returning": len(away)}
+        metrics, errors, meter = await keep(
+            server, fleet, ctx, away=away, senders=senders, per_target=per_target, **params
+        )
+        if not errors:
+            back, errors, _ = await come_back(server, fleet, ctx, total=per_target * len(away))
+            metrics |= back
+        results = await fleet.results()
+    out = outcome(metrics, meter, results)  # CPU: while keeping
+    out.errors[:0] = errors
+    return out
+
+
+# --- Setup ---------------------------------------------------------------------------
+
+
 async def seed_registry(spec: Spec, ctx: Context) -> None:
-    """Register every mesh of the universe once and keep the server's persisted registry file."""
+    """Register every mesh of the universe once over HTTP, stop that server cleanly (SIGTERM), and keep
+    its store: the SQLite database at DB_PATH (with `-wal`/`-shm` when there are any). Each later
+    server of the same command starts on its own copy."""
     if not spec.uses_registry:
         return
-    path = ctx.tmp / f"seed-{spec.kind}.json"
+    store = Store.fresh(ctx.tmp, f"seed-{spec.kind}")
     meshes = ctx.scale.universe
     t0 = time.monotonic()
-    async with spec.launch(ctx.tmp, registry=path) as server:
+    server = spec.launch(ctx.tmp, store=store)
+    await server.start()
+    try:
         await register_meshes(server, ctx, meshes, workers=ctx.scale.workers)
-    if not (path.exists() or journal(path).exists()):
-        raise RuntimeError(f"seeding {spec.kind}: no registry file written")
-    ctx.seeds[spec.kind] = path
-    log.info("seeded %s registry with %d meshes in %.1fs", spec.kind, len(meshes), time.monotonic() - t0)
+    finally:
+        codes = await server.stop()
+    if any(code not in (0, -signal.SIGTERM) for code in codes):
+        raise RuntimeError(f"seeding {spec.kind}: the server exited with {codes}, its store may be incomplete")
+    if not (files := store.existing()):
+        raise RuntimeError(f"seeding {spec.kind}: nothing written at DB_PATH {store.db}")
+    if not store.db.exists():
+        log.warning("seeding %s: no database at DB_PATH; an older gateway's registry file is copied instead", spec.kind)
+    ctx.seeds[seed_key(spec)] = store
+    log.info("seeded %s store with %d meshes in %.1fs (%s)", spec.kind, len(meshes), time.monotonic() - t0,
+             ", ".join(f"{p.name} {p.stat().st_size:,} B" for p in files))  # fmt: skip
 
 
 async def register_meshes(server: Server, ctx: Context, meshes: list[str], *, workers: int) -> None:
@@ -356,7 +584,7 @@ async def register_meshes(server: Server, ctx: Context, meshes: list[str], *, wo
         raise RuntimeError(f"{ok}/{len(meshes)} meshes registered; {results[0]['errors'][:3]}")
 
 
-Scenario = Callable[[Spec, Context], Awaitable[Outcome]]
+Scenario = Callable[..., Awaitable[Outcome]]  # (spec, ctx, **options)
 SCENARIOS: dict[str, Scenario] = {
     "relay": relay,
     "fanout": fanout,
@@ -365,4 +593,10 @@ SCENARIOS: dict[str, Scenario] = {
     "auth-storm": auth_storm,
     "register": register,
     "cluster": relay,  # run on the single-process gateway and on the cluster (run.py), compared with each other
+    # Offline delivery (run.py's SIDES say what each is compared with):
+    "relay-offline": relay,
+    "fanout-max-offline": fanout_max,
+    "fanout-away": fanout_away,
+    "catchup": catchup,
+    "kept-100k": kept_100k,
 }

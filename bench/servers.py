@@ -106,6 +106,53 @@ async def stop_pid(proc: asyncio.subprocess.Process, *, grace: float = 12.0) -> 
     return proc.returncode
 
 
+# --- Stores --------------------------------------------------------------------
+
+
+def sidecar(path: Path, suffix: str) -> Path:
+    """`gateway.db` -> `gateway.db-wal` (SQLite's own naming), `registry.json` -> `registry.json.journal`."""
+    return path.with_name(path.name + suffix)
+
+
+@dataclass(frozen=True)
+class Store:
+    """Where one gateway process keeps its state: its own `DB_PATH` SQLite database
+    (registry and offline mailboxes), with SQLite's `-wal` / `-shm` files beside it.
+
+    `REGISTRY_PATH` is set too, to a file of the same stem: the gateway only imports
+    that file at start when it exists, so pointing it here keeps a stray
+    `registry.json` in the working directory out of the benchmark. (A gateway from
+    before the database kept its registry there, with a `.journal`: `--gateway` on an
+    older commit still seeds and copies that.)"""
+
+    db: Path
+    registry: Path
+
+    @classmethod
+    def fresh(cls, tmp: Path, name: str) -> Store:
+        stem = f"{name}-{time.monotonic_ns()}"
+        return cls(tmp / f"{stem}.db", tmp / f"{stem}.registry.json")
+
+    def files(self) -> list[Path]:
+        """Every file the store can consist of, in a fixed order (so two stores pair up)."""
+        db, registry = self.db, self.registry
+        return [db, sidecar(db, "-wal"), sidecar(db, "-shm"), registry, sidecar(registry, ".journal")]
+
+    def existing(self) -> list[Path]:
+        return [path for path in self.files() if path.exists()]
+
+    def copy_to(self, other: Store) -> None:
+        for source, target in zip(self.files(), other.files()):
+            if source.exists():
+                shutil.copyfile(source, target)
+
+    def size(self) -> int:
+        return sum(path.stat().st_size for path in self.existing())
+
+    def env(self) -> dict[str, str]:
+        return {"DB_PATH": str(self.db), "REGISTRY_PATH": str(self.registry)}
+
+
 # --- Servers -------------------------------------------------------------------
 
 
@@ -119,15 +166,15 @@ class ServerSpec:
     port_flag: bool = False  # pass --port/--host as flags instead of PORT/HOST env
     uses_registry: bool = True
 
-    def launch(self, logdir: Path, *, registry: Path | None = None) -> Running:
-        return Running(self, logdir, registry)
+    def launch(self, logdir: Path, *, store: Store | None = None) -> Running:
+        return Running(self, logdir, store)
 
 
 class Running:
     """A started server: `async with spec.launch(...) as server:`."""
 
-    def __init__(self, spec: ServerSpec, logdir: Path, registry: Path | None) -> None:
-        self.spec, self.logdir, self.registry = spec, logdir, registry
+    def __init__(self, spec: ServerSpec, logdir: Path, store: Store | None) -> None:
+        self.spec, self.logdir, self.store = spec, logdir, store
         self.port = free_port()
         self.procs: list[asyncio.subprocess.Process] = []
 
@@ -167,13 +214,14 @@ class Running:
         if self.spec.port_flag:
             argv += ["--host", HOST, "--port", str(self.port)]
         env.update(HOST=HOST, PORT=str(self.port))
-        if self.registry is not None:
-            env["REGISTRY_PATH"] = str(self.registry)
+        if self.store is not None:
+            env.update(self.store.env())
         self.log_path = self.logdir / f"{self.spec.kind}-{self.port}.log"
         with open(self.log_path, "ab") as out:
+            # In the temp dir: whatever a server writes by a default relative path stays out of the repository.
             proc = await asyncio.create_subprocess_exec(
                 *argv, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
+                cwd=self.logdir, preexec_fn=_die_with_parent,
             )  # fmt: skip
         self.procs.append(proc)
         log.info("started %s pid %d on port %d (log %s)", self.spec.kind, proc.pid, self.port, self.log_path)
@@ -198,12 +246,15 @@ class Running:
         finally:
             await http.aclose()
 
-    async def stop(self) -> None:
+    async def stop(self) -> list[int | None]:
+        """SIGTERM each process and wait for it; returns their exit codes."""
         procs, self.procs = self.procs, []
+        codes = []
         for proc in procs:
-            code = await stop_pid(proc)
+            codes.append(code := await stop_pid(proc))
             if code not in (0, -signal.SIGTERM):
                 log.warning("%s pid %d exited with %s: %s", self.spec.kind, proc.pid, code, self.log_tail())
+        return codes
 
     def log_tail(self, lines: int = 15) -> str:
         try:
@@ -216,8 +267,8 @@ class Running:
 class ClusterSpec:
     """Several gateway processes sharing one redis-server (`REDIS_URL`): one gateway.
 
-    The registry lives in Redis, so there is no registry file to prepare: a
-    scenario registers its meshes over HTTP, with any process."""
+    The registry lives in Redis, so there is no store to prepare: a scenario
+    registers its meshes over HTTP, with any process."""
 
     kind: str
     gateway: ServerSpec
@@ -228,13 +279,13 @@ class ClusterSpec:
     def argv(self) -> Sequence[str]:
         return self.gateway.argv
 
-    def launch(self, logdir: Path, *, registry: Path | None = None) -> Cluster:
+    def launch(self, logdir: Path, *, store: Store | None = None) -> Cluster:
         return Cluster(self, logdir)
 
 
 class Cluster:
     """A started cluster: redis-server and the gateways on CPU 0, each gateway with its own
-    port and a fresh REGISTRY_PATH. Up when every gateway's /health is 200 (Redis connected)."""
+    port and a fresh, empty store (DB_PATH). Up when every gateway's /health is 200 (Redis connected)."""
 
     def __init__(self, spec: ClusterSpec, logdir: Path) -> None:
         self.spec, self.logdir = spec, logdir
@@ -242,10 +293,8 @@ class Cluster:
         self.redis: asyncio.subprocess.Process | None = None
         env = {**spec.gateway.env, "REDIS_URL": f"redis://{HOST}:{self.redis_port}/0"}
         member = dataclasses.replace(spec.gateway, kind=spec.kind, env=env)
-        self.gateways = [
-            Running(member, logdir, logdir / f"{spec.kind}-registry-{time.monotonic_ns()}-{i}.json")
-            for i in range(spec.processes)
-        ]
+        stores = [Store.fresh(logdir, f"{spec.kind}-{i}") for i in range(spec.processes)]
+        self.gateways = [Running(member, logdir, store) for store in stores]
 
     @property
     def endpoints(self) -> list[tuple[str, int]]:
@@ -315,13 +364,15 @@ class Cluster:
             await asyncio.sleep(0.05)
         raise RuntimeError(f"redis-server did not start (see redis-{self.redis_port}.log)")
 
-    async def stop(self) -> None:
+    async def stop(self) -> list[int | None]:
         """Gateways first (they withdraw their presence from Redis), then redis-server."""
-        for gateway in self.gateways:
-            await gateway.stop()
+        codes = [code for gateway in self.gateways for code in await gateway.stop()]
         redis, self.redis = self.redis, None
-        if redis is not None and (code := await stop_pid(redis)) not in (0, -signal.SIGTERM):
-            log.warning("redis-server pid %d exited with %s", redis.pid, code)
+        if redis is not None:
+            codes.append(code := await stop_pid(redis))
+            if code not in (0, -signal.SIGTERM):
+                log.warning("redis-server pid %d exited with %s", redis.pid, code)
+        return codes
 
 
 async def redis_ping(port: int) -> bool:

@@ -13,6 +13,7 @@ import base64
 import os
 import random
 import struct
+import time
 import zlib
 from collections.abc import Callable
 from typing import cast
@@ -61,6 +62,9 @@ class WsClient(asyncio.Protocol):
         self.fragments: list[bytes] = []
         self.fragment_compressed = False
         self.close_code: int | None = None  # set when the server closed (1006 = no close frame)
+        self.left = False  # closed on purpose by its user: not a failure
+        self.pings = 0  # pings answered
+        self.ping_t = 0.0  # monotonic time the last one was answered
         loop = asyncio.get_running_loop()
         self.handshake: asyncio.Future[None] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
@@ -157,7 +161,11 @@ class WsClient(asyncio.Protocol):
     def _frame(self, b0: int, payload: bytes) -> None:
         opcode = b0 & 0x0F
         if opcode == OP_PING:
+            # Answered at once, in stream order, not coalesced: a pong confirms every frame before the ping
+            # (the gateway's offline delivery counts a frame as delivered only then), so it must not wait.
             assert self.transport is not None
+            self.pings += 1
+            self.ping_t = time.monotonic()
             self.transport.write(encode_frame(OP_PONG, payload))
         elif opcode == OP_CLOSE:
             self.close_code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
