@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Annotated, Any, Generic, Literal, Protocol, TypeVar
@@ -466,6 +466,7 @@ class Mailboxes(Protocol):
 
     readers: set[str]  # the away meshes now: a broadcast is kept when one of them is not its sender
     queued: int  # frames kept, for /health
+    refresh_s: float  # how often `refresh` runs
 
     def keep(self, sender: str, target: str | None, frame: bytes) -> asyncio.Future[int]:
         """Keep a relay for `target` if it is away, or a broadcast (target None) for every away mesh
@@ -496,6 +497,9 @@ class Mailboxes(Protocol):
     def refresh(self, live: list[str]) -> asyncio.Future[list[str]]:
         """Periodic: `live` meshes were seen now; expire frames and meshes past OFFLINE_TTL_S."""
         ...
+
+    async def lost(self, mesh_id: str) -> None:
+        """A mesh on another process vanished without leaving (that process died): it is away now."""
 
 
 class Put(Struct, tag="put", tag_field="op"):
@@ -607,6 +611,7 @@ class SqliteStore:
         self.max_bytes = settings.offline_max_bytes
         self.readers: set[str] = set()  # event loop: the away meshes a broadcast is kept for
         self.queued = 0  # event loop: kept frames, as of the last batch
+        self.refresh_s = min(self.CHECK_EVERY_S, self.ttl / 4)
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -843,6 +848,9 @@ class SqliteStore:
         future = self.call(self._refresh, live)
         future.add_done_callback(self._expired)
         return future
+
+    async def lost(self, mesh_id: str) -> None:
+        pass  # one process: every mesh is here, and leaves through `leave`
 
     def _expired(self, future: asyncio.Future[list[str]]) -> None:
         if not future.cancelled() and future.exception() is None:
@@ -1515,9 +1523,8 @@ class Hub:
         """Offline delivery's housekeeping: last-seen times, TTL expiry, unreferenced frames."""
         if self.mailboxes is None:
             return
-        every = min(SqliteStore.CHECK_EVERY_S, self.settings.offline_ttl_s / 4)
         while True:
-            await asyncio.sleep(every)
+            await asyncio.sleep(self.mailboxes.refresh_s)
             with contextlib.suppress(StoreError, BackplaneUnavailable):
                 await self.mailboxes.refresh([m for m, peer in self.peers.items() if peer.live])
 
@@ -1623,6 +1630,8 @@ class Hub:
         self._drop(mesh_id)
         if presence.participants:
             self._announce(msgspec.structs.replace(presence, participants=[]))
+        if self.mailboxes is not None:
+            self._spawn(self.mailboxes.lost(mesh_id))  # its process may be gone: away from now on
 
     def resync(self, remote: dict[str, Presence]) -> None:
         """Make the view of other processes' meshes equal to `remote` (read from Redis)."""
@@ -2072,7 +2081,13 @@ class RedisRegistry:
         return await self._swap(mesh.mesh_id, expect, encoder.encode(mesh))
 
     async def delete(self, mesh: Mesh) -> bool:
-        return await self._swap(mesh.mesh_id, mesh, b"")
+        if not await self._swap(mesh.mesh_id, mesh, b""):
+            return False
+        pipe = self.backplane.redis.pipeline(transaction=True)  # its mailbox goes with it
+        for key in (KEY_AWAY, KEY_SEEN, KEY_CATCHING, KEY_COUNT, KEY_DROPPED):
+            pipe.hdel(key, mesh.mesh_id)
+        await self.backplane.call(pipe.execute())
+        return True
 
     async def close(self) -> None:
         pass
@@ -2080,6 +2095,227 @@ class RedisRegistry:
     async def _swap(self, mesh_id: str, expect: Mesh | None, new: bytes) -> bool:
         old = b"" if expect is None else encoder.encode(expect)
         return bool(await self.backplane.call(self.cas(keys=[KEY_REGISTRY], args=[mesh_id, old, new])))
+
+
+# Offline mailboxes in Redis: one stream `mesh:log` whose entry ids are a global sequence
+# (`<seq>-0`), so relays and broadcasts keep one order; each away mesh has a cursor in it.
+KEY_SEQ = "mesh:seq"  # the last kept frame's sequence number
+KEY_LOG = "mesh:log"  # stream of kept frames: t (target, "" = broadcast), s (sender), a (time), f (frame)
+KEY_AWAY = "mesh:away"  # hash meshId -> cursor: the away meshes
+KEY_SEEN = "mesh:seen"  # hash meshId -> last connected (epoch s)
+KEY_CATCHING = "mesh:catching"  # hash meshId -> cursor: meshes reading their mailbox now
+KEY_COUNT = "mesh:count"  # hash meshId -> frames kept for it
+KEY_DROPPED = "mesh:dropped"  # hash meshId -> frames dropped past OFFLINE_MAX_MESSAGES, told on next auth
+KEY_BYTES = "mesh:bytes"  # bytes in the stream
+MAILBOX_KEYS = [KEY_SEQ, KEY_LOG, KEY_AWAY, KEY_SEEN, KEY_CATCHING, KEY_COUNT, KEY_DROPPED, KEY_BYTES]
+
+# Keep one frame for the away receivers it has: ARGV target ("" = broadcast), sender, now, ttl, frame, max.
+KEEP_LUA = """
+local target, sender, now, ttl, frame, max = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
+local receivers = {}
+if target ~= '' then
+  local seen = tonumber(redis.call('HGET', KEYS[4], target))
+  if not seen or seen <= now - ttl then return 0 end
+  if not redis.call('HGET', KEYS[3], target) then  -- its process is gone: away from now on
+    redis.call('HSET', KEYS[3], target, redis.call('GET', KEYS[1]) or 0)
+  end
+  receivers = {target}
+else
+  for _, m in ipairs(redis.call('HKEYS', KEYS[3])) do
+    local seen = tonumber(redis.call('HGET', KEYS[4], m))
+    if m ~= sender and seen and seen > now - ttl then table.insert(receivers, m) end
+  end
+  if #receivers == 0 then return 0 end
+end
+local seq = redis.call('INCR', KEYS[1])
+redis.call('XADD', KEYS[2], seq .. '-0', 't', target, 's', sender, 'a', ARGV[3], 'f', frame)
+redis.call('INCRBY', KEYS[8], #frame)
+for _, m in ipairs(receivers) do
+  if redis.call('HINCRBY', KEYS[6], m, 1) > max then redis.call('HINCRBY', KEYS[7], m, 1) end
+end
+return #receivers
+"""
+# A mesh authenticated: ARGV mesh, now. Returns {cursor, end, count, dropped}.
+ARRIVE_LUA = """
+local m = ARGV[1]
+local last = tonumber(redis.call('GET', KEYS[1]) or 0)
+local cursor = tonumber(redis.call('HGET', KEYS[3], m) or last)
+local count = tonumber(redis.call('HGET', KEYS[6], m) or 0)
+local dropped = tonumber(redis.call('HGET', KEYS[7], m) or 0)
+redis.call('HDEL', KEYS[3], m)
+redis.call('HDEL', KEYS[6], m)
+redis.call('HDEL', KEYS[7], m)
+redis.call('HSET', KEYS[5], m, cursor)
+redis.call('HSET', KEYS[4], m, ARGV[2])
+return {cursor, last, count, dropped}
+"""
+# Append frames for one mesh: ARGV mesh, now, frames... Returns the last sequence number.
+APPEND_LUA = """
+local seq = 0
+for i = 3, #ARGV do
+  seq = redis.call('INCR', KEYS[1])
+  redis.call('XADD', KEYS[2], seq .. '-0', 't', ARGV[1], 's', '', 'a', ARGV[2], 'f', ARGV[i])
+  redis.call('INCRBY', KEYS[8], #ARGV[i])
+end
+return seq
+"""
+# A mesh whose process died is away from now on, unless it is back somewhere already.
+LOST_LUA = """
+if redis.call('HEXISTS', KEYS[5], ARGV[1]) == 0 then
+  redis.call('HSETNX', KEYS[3], ARGV[1], redis.call('GET', KEYS[1]) or 0)
+end
+"""
+
+
+class RedisMailboxes:
+    """The Mailboxes of a cluster, in Redis, shared by every process: a mesh that left
+    one process and authenticates through another finds its mailbox there."""
+
+    def __init__(self, settings: Settings, backplane: RedisBackplane) -> None:
+        self.backplane = backplane
+        self.redis = backplane.redis
+        self.ttl = settings.offline_ttl_s
+        self.max_messages = settings.offline_max_messages
+        self.max_bytes = settings.offline_max_bytes
+        self.readers: set[str] = set()  # refreshed each second, and on every local leave
+        self.queued = 0
+        self.keep_script = self.redis.register_script(KEEP_LUA)
+        self.arrive_script = self.redis.register_script(ARRIVE_LUA)
+        self.append_script = self.redis.register_script(APPEND_LUA)
+        self.lost_script = self.redis.register_script(LOST_LUA)
+        self.refresh_s = min(1.0, self.ttl / 4)
+
+    def _future(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
+        return asyncio.ensure_future(coroutine)
+
+    async def _call(self, command: Awaitable[Any]) -> Any:
+        """Redis errors become StoreError (an outage is answered, never silent)."""
+        try:
+            return await self.backplane.call(command)
+        except BackplaneUnavailable as exc:
+            raise StoreError("Redis unavailable") from exc
+
+    def keep(self, sender: str, target: str | None, frame: bytes) -> asyncio.Future[int]:
+        args = [target or "", sender, time.time(), self.ttl, frame, self.max_messages]
+        return self._future(self._call(self.keep_script(keys=MAILBOX_KEYS, args=args)))
+
+    def arrive(self, mesh_id: str, requeue: Requeue | None) -> asyncio.Future[Arrival]:
+        self.readers.discard(mesh_id)
+        return self._future(self._arrive(mesh_id, requeue))
+
+    async def _arrive(self, mesh_id: str, requeue: Requeue | None) -> Arrival:
+        if requeue is not None:
+            await self._leave(mesh_id, requeue)
+        cursor, end, count, dropped = await self._call(self.arrive_script(keys=MAILBOX_KEYS, args=[mesh_id, time.time()]))
+        skip = max(0, count - self.max_messages)  # past OFFLINE_MAX_MESSAGES the oldest go
+        if skip:
+            log.warning("mesh %s: mailbox full, dropped its %d oldest kept frames", mesh_id, skip)
+            skipped = await self._read(mesh_id, cursor, end, skip)
+            cursor = skipped[-1][0] if skipped else cursor
+            await self._call(self.redis.hset(KEY_CATCHING, mesh_id, cursor))
+        return Arrival(cursor=cursor, end=end, dropped=dropped)
+
+    def read(self, mesh_id: str, after: int, end: int, limit: int) -> asyncio.Future[list[tuple[int, bytes]]]:
+        return self._future(self._read(mesh_id, after, end, limit))
+
+    async def _read(self, mesh_id: str, after: int, end: int, limit: int) -> list[tuple[int, bytes]]:
+        """Scan the shared log after `after` for this mesh's frames (others' are skipped)."""
+        found: list[tuple[int, bytes]] = []
+        since = time.time() - self.ttl
+        start = after + 1
+        target = mesh_id.encode()
+        while len(found) < limit:
+            entries = await self._call(self.redis.xrange(KEY_LOG, min=f"{start}-0", count=max(limit, 512)))
+            for entry_id, fields in entries:
+                seq = int(entry_id.split(b"-")[0])
+                mine = fields[b"t"] == target or (fields[b"t"] == b"" and fields[b"s"] != target and seq <= end)
+                if mine and float(fields[b"a"]) >= since:
+                    found.append((seq, fields[b"f"]))
+                    if len(found) == limit:
+                        break
+                start = seq + 1
+            if len(entries) < max(limit, 512):
+                break
+        return found
+
+    def spill(self, mesh_id: str, frames: list[bytes]) -> asyncio.Future[None]:
+        return self._future(self._call(self.append_script(keys=MAILBOX_KEYS, args=[mesh_id, time.time(), *frames])))
+
+    def confirm(self, mesh_id: str, seq: int, *, caught_up: bool = False) -> asyncio.Future[None]:
+        command = self.redis.hdel(KEY_CATCHING, mesh_id) if caught_up else self.redis.hset(KEY_CATCHING, mesh_id, seq)
+        return self._future(self._call(command))
+
+    def leave(self, mesh_id: str, requeue: Requeue) -> asyncio.Future[None]:
+        self.readers.add(mesh_id)
+        return self._future(self._leave(mesh_id, requeue))
+
+    async def _leave(self, mesh_id: str, requeue: Requeue) -> None:
+        if not await self._call(self.redis.hexists(KEY_REGISTRY, mesh_id)):
+            return  # unregistered meanwhile: its mailbox is gone
+        now = time.time()
+        if await self._call(self.redis.hexists(KEY_AWAY, mesh_id)):
+            frames = [*requeue.held, *requeue.backlog]
+            count = await self._call(self.redis.hget(KEY_COUNT, mesh_id)) or 0
+        else:  # what it held, then what it had not read, then what waited behind, after a new cursor
+            catching = await self._call(self.redis.hexists(KEY_CATCHING, mesh_id))
+            cursor = int(await self._call(self.redis.get(KEY_SEQ)) or 0)
+            unread = await self._read(mesh_id, requeue.read, requeue.end, self.max_messages) if catching else []
+            frames = [*requeue.held, *(frame for _, frame in unread), *requeue.backlog]
+            await self._call(self.redis.hset(KEY_AWAY, mesh_id, cursor))
+            count = 0
+        if frames:
+            await self._call(self.append_script(keys=MAILBOX_KEYS, args=[mesh_id, now, *frames]))
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hdel(KEY_CATCHING, mesh_id)
+        pipe.hset(KEY_COUNT, mesh_id, int(count) + len(frames))
+        pipe.hset(KEY_SEEN, mesh_id, now)
+        await self._call(pipe.execute())
+
+    def refresh(self, live: list[str]) -> asyncio.Future[list[str]]:
+        return self._future(self._refresh(live))
+
+    async def _refresh(self, live: list[str]) -> list[str]:
+        """Live meshes seen now; meshes away past the TTL expire; frames no one reads go."""
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=False)
+        if live:
+            pipe.hset(KEY_SEEN, mapping={m: now for m in live})
+        pipe.hgetall(KEY_AWAY)
+        pipe.hgetall(KEY_SEEN)
+        pipe.hvals(KEY_CATCHING)
+        pipe.hgetall(KEY_COUNT)
+        *_, away, seen, catching, counts = await self._call(pipe.execute())
+        expired = [m.decode() for m in away if float(seen.get(m, 0)) <= now - self.ttl]
+        if expired:
+            await self._call(self.redis.hdel(KEY_AWAY, *expired))
+        cursors = [int(c) for m, c in away.items() if m.decode() not in expired] + [int(c) for c in catching]
+        floor = min(cursors) if cursors else int(await self._call(self.redis.get(KEY_SEQ)) or 0)
+        await self._call(self.redis.xtrim(KEY_LOG, minid=f"{floor + 1}-0"))
+        await self._trim_bytes()
+        self.readers = {m.decode() for m in away} - set(expired)
+        self.queued = sum(int(counts.get(m.encode(), 0)) for m in self.readers)
+        return expired
+
+    async def lost(self, mesh_id: str) -> None:
+        """A mesh's process died (its presence expired): it is away from now on."""
+        self.readers.add(mesh_id)
+        await self._call(self.lost_script(keys=MAILBOX_KEYS, args=[mesh_id]))
+
+    async def _trim_bytes(self) -> None:
+        """Past OFFLINE_MAX_BYTES the oldest kept frames go (in a cluster, from the whole log)."""
+        while int(await self._call(self.redis.get(KEY_BYTES)) or 0) > self.max_bytes:
+            oldest = await self._call(self.redis.xrange(KEY_LOG, count=64))
+            if not oldest:
+                await self._call(self.redis.set(KEY_BYTES, 0))
+                return
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.xdel(KEY_LOG, *(entry_id for entry_id, _ in oldest))
+            pipe.decrby(KEY_BYTES, sum(len(fields[b"f"]) for _, fields in oldest))
+            for _, fields in oldest:
+                if fields[b"t"]:
+                    pipe.hincrby(KEY_DROPPED, fields[b"t"], 1)
+            await self._call(pipe.execute())
+            log.warning("kept frames past OFFLINE_MAX_BYTES: dropped the %d oldest", len(oldest))
 
 
 # --- Dispatcher -------------------------------------------------------------
@@ -2214,7 +2450,7 @@ class Gateway:
             if settings.redis_url:
                 backplane = RedisBackplane(settings)
                 registry: Registry = RedisRegistry(backplane)
-                mailboxes: Mailboxes | None = None
+                mailboxes: Mailboxes | None = RedisMailboxes(settings, backplane)
                 where = "Redis"
             else:
                 store = SqliteStore(settings)

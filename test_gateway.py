@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis.asyncio as aioredis
 import msgspec
 import pytest
 import uvicorn
@@ -1859,6 +1860,51 @@ async def test_cluster_health_counts(tmp_path: Path) -> None:
         assert [h["clusterConnected"] for h in healths] == [3, 3, 3]
 
 
+async def test_cluster_mesh_moving_between_processes_gets_everything_once(tmp_path: Path) -> None:
+    async with cluster(tmp_path, CONFIRM_INTERVAL_S="0.05") as (g, _, _):
+        a = await g.node("a", addr=g.addrs[0])
+        await away(g, "c")  # kept broadcasts too, across processes
+        assert (await g.register("b")).status_code == 200
+        b = await RawNode.open(g, g.addrs[1])
+        await b.auth("b")
+        await g.agree()
+        b.hold()
+        await relay_all(a, "b", range(3), delivered=1)
+        assert contents([await b.expect("gateway_incoming") for _ in range(3)]) == [0, 1, 2]
+        b.kill()  # on process 1, never confirmed
+        await g.wait_connected(1)
+        await g.agree()
+        await relay_all(a, "b", range(3, 5), delivered=0, queued=1)
+        await a.send(type="gateway_broadcast", payload={"type": "m", "message": "all"}, id="all")
+        await a.expect("gateway_ack", id="all", queued=2)
+        back = await g.connect(addr=g.addrs[2])  # through process 2
+        await back.send(type="gateway_auth", meshId="b", secret="secret-b")
+        await back.expect("gateway_auth_ok")
+        kept = [await back.expect("gateway_incoming") for _ in range(6)]
+        assert contents(kept) == [0, 1, 2, 3, 4, "all"]
+        await back.quiet()
+        _, kept = await returning(g, "c", 1)
+        assert contents(kept) == ["all"]
+
+
+async def test_cluster_frames_sent_after_a_process_dies_are_kept(tmp_path: Path) -> None:
+    async with cluster(tmp_path) as (g, redis, procs):
+        a = await g.node("a", addr=g.addrs[0])
+        b = await g.node("b", addr=g.addrs[1])
+        procs[1].kill()  # b's process: its presence lingers until PRESENCE_TTL_S
+        procs[1].wait()
+        dead = g.addrs.pop(1)
+        client = aioredis.Redis.from_url(redis.url)
+        async with asyncio.timeout(TIMEOUT):  # the crash is over: Redis dropped its subscription
+            while len(await client.pubsub_channels("mesh:node:*")) != 2:
+                await asyncio.sleep(0.01)
+        await client.aclose()
+        await relay_all(a, "b", range(3), delivered=0, queued=1)  # published to a gone process: kept
+        _, kept = await returning(g, "b", 3)
+        assert contents(kept) == [0, 1, 2]
+        del b, dead
+
+
 async def test_killed_process_leaves_no_ghosts(tmp_path: Path) -> None:
     async with cluster(tmp_path) as (g, _, procs):
         doomed_addr = g.addrs[2]
@@ -1876,10 +1922,11 @@ async def test_killed_process_leaves_no_ghosts(tmp_path: Path) -> None:
             assert frame["remoteParticipants"] == [{"meshId": "ghost", "meshName": "Mesh ghost", "participants": []}]
         assert sorted(i["meshId"] for i in await a.discover()) == ["a", "b"]
         await a.send(type="gateway_relay", targetMeshId="ghost", payload=MESSAGE, id="g")
-        await a.error("target_offline", id="g")
+        await a.expect("gateway_ack", id="g", delivered=0, queued=1)  # away now: kept for it
         await g.agree()
-        # the mesh reconnects through a live process
+        # the mesh reconnects through a live process, and gets what was kept first
         again = await g.node("ghost", addr=g.addrs[0])
+        await again.expect("gateway_incoming", fromMeshId="a")
         await b.send(type="gateway_relay", targetMeshId="ghost", payload=MESSAGE, id="back")
         await again.expect("gateway_incoming", fromMeshId="b")
         await b.expect("gateway_ack", id="back", delivered=1)
