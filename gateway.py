@@ -486,8 +486,8 @@ class Mailboxes(Protocol):
         """Live frames that waited behind a long catch-up: appended to the mailbox being read."""
         ...
 
-    def confirm(self, mesh_id: str, seq: int, *, caught_up: bool = False) -> asyncio.Future[None]:
-        """The node confirmed its kept frames up to `seq` (caught_up: and has nothing left to read)."""
+    def confirm(self, mesh_id: str, seq: int, *, count: int = 0, caught_up: bool = False) -> asyncio.Future[None]:
+        """The node confirmed `count` kept frames, up to `seq` (caught_up: and has nothing left to read)."""
         ...
 
     def leave(self, mesh_id: str, requeue: Requeue) -> asyncio.Future[None]:
@@ -620,6 +620,7 @@ class SqliteStore:
         self._away: dict[str, int] = {}  # away mesh -> cursor
         self._seen: dict[str, float] = {}  # away mesh -> last connected
         self._catching: dict[str, int] = {}  # returning mesh -> cursor (its rows are still needed)
+        self._reading: dict[str, int] = {}  # returning mesh -> kept frames it has not confirmed yet
         self._count: dict[str, int] = {}  # away mesh -> frames in its mailbox
         self._bytes = 0
         self._checkpoint = False
@@ -703,7 +704,7 @@ class SqliteStore:
             return (future, None, exc)
 
     def _settle(self, done: list[Done]) -> None:
-        queued = sum(self._count.values())
+        queued = sum(self._count.values()) + sum(self._reading.values())
         assert self._loop is not None
 
         def settle() -> None:  # one hand-off to the loop per batch
@@ -834,9 +835,8 @@ class SqliteStore:
     def spill(self, mesh_id: str, frames: list[bytes]) -> asyncio.Future[None]:
         return self.call(self._spill, mesh_id, frames)
 
-    def confirm(self, mesh_id: str, seq: int, *, caught_up: bool = False) -> asyncio.Future[None]:
-        """The node confirmed its kept frames up to `seq` (and, caught_up, has read them all)."""
-        return self.call(self._confirm, mesh_id, seq, caught_up)
+    def confirm(self, mesh_id: str, seq: int, *, count: int = 0, caught_up: bool = False) -> asyncio.Future[None]:
+        return self.call(self._confirm, mesh_id, seq, count, caught_up)
 
     def leave(self, mesh_id: str, requeue: Requeue) -> asyncio.Future[None]:
         """A mesh's socket ended: it is away, its unconfirmed frames first in its mailbox."""
@@ -886,7 +886,7 @@ class SqliteStore:
         end = self._last_seq()
         cursor = self._away.pop(mesh_id, end)
         self._seen.pop(mesh_id, None)
-        self._count.pop(mesh_id, None)
+        self._reading[mesh_id] = self._count.pop(mesh_id, 0)
         self._catching[mesh_id] = cursor
         db.execute(
             "UPDATE meshes SET last_seen = ?, cursor = ?, dropped = 0 WHERE mesh_id = ?", (time.time(), cursor, mesh_id)
@@ -896,16 +896,19 @@ class SqliteStore:
     def _spill(self, mesh_id: str, frames: list[bytes]) -> None:
         if mesh_id in self._catching:
             self._insert([(mesh_id, "", time.time(), frame) for frame in frames])
+            self._reading[mesh_id] = self._reading.get(mesh_id, 0) + len(frames)
 
     def _read(self, mesh_id: str, after: int, end: int, limit: int) -> list[tuple[int, bytes]]:
         query = f"SELECT seq, frame FROM kept WHERE {MAILBOX} ORDER BY seq LIMIT ?"
         return self._db_().execute(query, (after, mesh_id, mesh_id, end, time.time() - self.ttl, limit)).fetchall()
 
-    def _confirm(self, mesh_id: str, seq: int, caught_up: bool) -> None:
+    def _confirm(self, mesh_id: str, seq: int, count: int, caught_up: bool) -> None:
         if mesh_id in self._catching:
             self._catching[mesh_id] = max(self._catching[mesh_id], seq)
+            self._reading[mesh_id] = max(0, self._reading.get(mesh_id, 0) - count)
             if caught_up:  # its broadcasts may be no one's now
                 del self._catching[mesh_id]
+                self._reading.pop(mesh_id, None)
                 self._collect_broadcasts()
         self._db_().execute("UPDATE meshes SET cursor = max(cursor, ?) WHERE mesh_id = ?", (seq, mesh_id))
         self._delete_rows("target = ? AND seq <= ?", (mesh_id, seq))
@@ -924,6 +927,7 @@ class SqliteStore:
             frames = [*requeue.held, *(bytes(frame) for _, frame in unread), *requeue.backlog]
             self._insert([(mesh_id, "", now, frame) for frame in frames])
             self._catching.pop(mesh_id, None)
+            self._reading.pop(mesh_id, None)
             self._delete_rows("target = ? AND seq <= ?", (mesh_id, cursor))
             self._away[mesh_id] = cursor
             self._count[mesh_id] = len(frames)
@@ -937,6 +941,7 @@ class SqliteStore:
             self._drop(mesh_id, self._count[mesh_id] - self.max_messages)
 
     def _discard(self, mesh_id: str) -> None:
+        self._reading.pop(mesh_id, None)
         self._away.pop(mesh_id, None)
         self._seen.pop(mesh_id, None)
         self._count.pop(mesh_id, None)
@@ -1109,7 +1114,7 @@ class Peer:
         self.ping_at = -1  # frames covered by the confirmation ping in flight (-1: none)
         self.confirm_timer: asyncio.TimerHandle | None = None
         self.kept_seqs: deque[tuple[int, int]] = deque()  # (frame number, mailbox seq) of kept frames sent
-        self.on_confirm: Callable[[Peer, int], None] | None = None  # kept frames confirmed up to a seq
+        self.on_confirm: Callable[[Peer, int, int], None] | None = None  # (peer, up to seq, how many) kept frames confirmed
         self.all_confirmed = asyncio.Event()
         # Catching up (offline delivery only): the hub sets `live` false until the mailbox is read.
         self.live = True
@@ -1290,11 +1295,12 @@ class Peer:
         self.confirmed = max(self.confirmed, upto)
         if self.ping_at == upto:
             self.ping_at = -1
-        seq = 0
+        seq = count = 0
         while self.kept_seqs and self.kept_seqs[0][0] < upto:
             seq = self.kept_seqs.popleft()[1]
+            count += 1
         if seq and self.on_confirm is not None:
-            self.on_confirm(self, seq)
+            self.on_confirm(self, seq, count)
         if not self.unconfirmed:
             self.all_confirmed.set()
         else:
@@ -1326,7 +1332,7 @@ class Hub:
     crosses processes; with MemoryBackplane there is only this process.
     `mailboxes` keeps frames for away meshes (None: offline delivery off)."""
 
-    CATCH_UP_ROWS = 512  # kept frames read per database round trip
+    CATCH_UP_ROWS = 256  # kept frames read per database round trip (in memory meanwhile, per returning mesh)
 
     def __init__(self, settings: Settings, backplane: Backplane, mailboxes: Mailboxes | None = None) -> None:
         self.settings = settings
@@ -1431,10 +1437,10 @@ class Hub:
         if not peer.kept_seqs:
             self._spawn(self.mailboxes.confirm(peer.mesh_id, peer.read_pos, caught_up=True))
 
-    def _confirmed(self, peer: Peer, seq: int) -> None:
+    def _confirmed(self, peer: Peer, seq: int, count: int) -> None:
         if self.mailboxes is not None and peer.mesh_id is not None:
             caught_up = peer.live and not peer.kept_seqs
-            self._spawn(self.mailboxes.confirm(peer.mesh_id, seq, caught_up=caught_up))
+            self._spawn(self.mailboxes.confirm(peer.mesh_id, seq, count=count, caught_up=caught_up))
 
     def _spill(self, peer: Peer) -> None:
         """A long catch-up: what waits behind it goes to the mailbox instead of memory,
@@ -1851,6 +1857,7 @@ class RedisBackplane:
         self.healthy = False
         self.ttl_ms = int(settings.presence_ttl_s * 1000)
         self.registry_path = settings.registry_path
+        self.db_path = settings.db_path
         self.key = KEY_PRESENCE + self.node
         self.withdraw_script = self.redis.register_script(WITHDRAW_LUA)
         self.hub: Hub | None = None
@@ -1965,7 +1972,7 @@ class RedisBackplane:
         try:
             await pubsub.subscribe(CHANNEL_BUS, CHANNEL_NODE + self.node)
             if not self._imported:
-                await import_registry_file(self.redis, self.registry_path)
+                await import_into_redis(self.redis, self.registry_path, self.db_path)
                 self._imported = True
             await self._announce_all()
             await self._resync()
@@ -2049,20 +2056,32 @@ class RedisBackplane:
         self.hub.resync(remote)
 
 
-async def import_registry_file(client: Any, path: str) -> None:
-    """Moving from one process to many: add the file's meshes Redis lacks, once per file content."""
-    try:
-        meshes, digest = read_registry_file(path)
-    except FileNotFoundError:
-        return
-    if await client.sismember(KEY_IMPORTED, digest):
-        return
-    pipe = client.pipeline(transaction=False)
-    for mesh in meshes:
-        pipe.hsetnx(KEY_REGISTRY, mesh.mesh_id, encoder.encode(mesh))
-    added = sum(await pipe.execute())
-    await client.sadd(KEY_IMPORTED, digest)
-    log.info("imported %d of %d meshes from %s into Redis", added, len(meshes), path)
+async def import_into_redis(client: Any, registry_path: str, db_path: str) -> None:
+    """Moving from one process to many: add the meshes of the registry file and of an existing
+    database that Redis lacks, once per content (a deleted mesh is never brought back)."""
+    for source, read in ((registry_path, read_registry_file), (db_path, read_database_registry)):
+        try:
+            meshes, digest = await asyncio.to_thread(read, source)
+        except FileNotFoundError:
+            continue
+        if await client.sismember(KEY_IMPORTED, digest):
+            continue
+        pipe = client.pipeline(transaction=False)
+        for mesh in meshes:
+            pipe.hsetnx(KEY_REGISTRY, mesh.mesh_id, encoder.encode(mesh))
+        added = sum(await pipe.execute())
+        await client.sadd(KEY_IMPORTED, digest)
+        log.info("imported %d of %d meshes from %s into Redis", added, len(meshes), source)
+
+
+def read_database_registry(path: str) -> tuple[list[Mesh], str]:
+    """The registry of a single-process gateway's database (read only), and a digest of it."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(path)
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        rows = db.execute("SELECT mesh_id, name, secret_hash, created FROM meshes ORDER BY mesh_id").fetchall()
+    meshes = [Mesh(*row) for row in rows]
+    return meshes, hashlib.sha256(encoder.encode(meshes)).hexdigest()
 
 
 class RedisRegistry:
@@ -2241,7 +2260,7 @@ class RedisMailboxes:
     def spill(self, mesh_id: str, frames: list[bytes]) -> asyncio.Future[None]:
         return self._future(self._call(self.append_script(keys=MAILBOX_KEYS, args=[mesh_id, time.time(), *frames])))
 
-    def confirm(self, mesh_id: str, seq: int, *, caught_up: bool = False) -> asyncio.Future[None]:
+    def confirm(self, mesh_id: str, seq: int, *, count: int = 0, caught_up: bool = False) -> asyncio.Future[None]:
         command = self.redis.hdel(KEY_CATCHING, mesh_id) if caught_up else self.redis.hset(KEY_CATCHING, mesh_id, seq)
         return self._future(self._call(command))
 

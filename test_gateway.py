@@ -71,6 +71,9 @@ def test_settings_defaults_match_protocol() -> None:
     assert (s.rate_limit_per_min, s.max_frame_bytes, s.ws_max_bytes, s.send_buffer_bytes) == (60, 10240, 1048576, 1048576)
     assert (s.auth_timeout_s, s.ping_interval_s, s.ping_timeout_s, s.presence_ttl_s) == (10, 20, 20, 10)
     assert (s.payload_policy, s.log_level, s.gateway_admin_token, s.ws_per_message_deflate) == ("mesh", "info", None, False)
+    assert (s.db_path, s.offline_ttl_s, s.offline_max_messages, s.offline_max_bytes) == ("gateway.db", 86400, 10000, 268435456)
+    assert s.confirm_interval_s == 1
+    assert Settings.from_env({"OFFLINE_TTL_S": "0"}).offline_ttl_s == 0  # off
 
 
 def test_settings_convert_strings() -> None:
@@ -87,6 +90,10 @@ def test_settings_convert_strings() -> None:
         ({"PAYLOAD_POLICY": "open"}, "PAYLOAD_POLICY='open'"),
         ({"SEND_BUFFER_BYTES": "1e"}, "SEND_BUFFER_BYTES='1e'"),
         ({"WS_MAX_BYTES": "1000"}, "WS_MAX_BYTES=1000"),
+        ({"OFFLINE_TTL_S": "-1"}, "OFFLINE_TTL_S='-1'"),
+        ({"OFFLINE_MAX_MESSAGES": "0"}, "OFFLINE_MAX_MESSAGES='0'"),
+        ({"OFFLINE_MAX_BYTES": "lots"}, "OFFLINE_MAX_BYTES='lots'"),
+        ({"CONFIRM_INTERVAL_S": "0"}, "CONFIRM_INTERVAL_S='0'"),
     ],
 )
 def test_settings_reject_bad_values(env: dict[str, str], needle: str) -> None:
@@ -1249,8 +1256,33 @@ async def test_relay_to_an_away_mesh_is_kept_and_delivered_once_in_order(tmp_pat
         await relay_all(a, "b", range(5, 6), delivered=1, queued=0)
         assert contents([await b.expect("gateway_incoming")]) == [5]
         await b.quiet()  # nothing twice
-        health = (await g.http.get("/health")).json()
-        assert (health["away"], health["queued"]) == (0, 0)
+        async with asyncio.timeout(TIMEOUT):  # kept until the node confirms them
+            while (health := (await g.http.get("/health")).json())["queued"]:
+                await asyncio.sleep(0.01)
+        assert health["away"] == 0
+
+
+async def test_nothing_is_written_per_frame_while_everyone_is_connected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    jobs: list[str] = []
+    real = gw.SqliteStore.call
+
+    def counting(self: gw.SqliteStore, fn: Any, *args: Any) -> Any:
+        jobs.append(fn.__name__)
+        return real(self, fn, *args)
+
+    monkeypatch.setattr(gw.SqliteStore, "call", counting)
+    async with running(offline_settings(tmp_path)) as g:
+        a, b, c = await g.node("a"), await g.node("b"), await g.node("c")
+        for node in (a, b, c):  # their auths are through (arrival written)
+            await node.quiet()
+        jobs.clear()
+        await relay_all(a, "b", range(50), delivered=1)
+        for n in range(50):
+            await a.send(type="gateway_broadcast", payload={"type": "m", "message": n}, id=f"b{n}")
+            await a.expect("gateway_ack", id=f"b{n}", delivered=2, queued=0)
+        assert len([await b.expect("gateway_incoming") for _ in range(100)]) == 100
+        assert len([await c.expect("gateway_incoming") for _ in range(50)]) == 50
+        assert jobs == []
 
 
 async def test_relay_to_a_mesh_that_never_connected_is_target_offline(tmp_path: Path) -> None:
@@ -1269,6 +1301,7 @@ async def test_broadcasts_are_kept_once_for_every_away_mesh(tmp_path: Path) -> N
         await away(g, "c")
         await a.send(type="gateway_broadcast", payload={"type": "m", "message": "one"}, id="b1")
         await a.expect("gateway_ack", id="b1", delivered=1, queued=2)
+        assert kept_rows(tmp_path) == 1  # stored once for both
         await relay_all(a, "b", range(1), delivered=0, queued=1)
         await a.send(type="gateway_broadcast", payload={"type": "m", "message": "two"}, id="b2")
         await a.expect("gateway_ack", id="b2", delivered=1, queued=2)
@@ -1314,25 +1347,25 @@ async def test_bounds_drop_the_oldest_and_tell_the_mesh(tmp_path: Path, caplog: 
 
 
 async def test_total_bytes_bound_drops_from_the_fullest_mailbox(tmp_path: Path) -> None:
-    async with running(offline_settings(tmp_path, offline_max_bytes=4000)) as g:
+    async with running(offline_settings(tmp_path, offline_max_bytes=6000)) as g:
         a = await g.node("a")
         await away(g, "big")
         await away(g, "small")
         await relay_all(a, "small", range(1), delivered=0, queued=1)
-        for n in range(40):  # ~200 B each: 8,000 B in all, twice the bound
-            body = {"type": "m", "message": n, "pad": "x" * 100}
-            await a.send(type="gateway_relay", targetMeshId="big", payload=body, id=f"p{n}")
+        for n in range(40):  # ~300 B each: 12,000 B in all, twice the bound
+            await a.send(type="gateway_relay", targetMeshId="big", payload={"type": f"m{n}", "message": "x" * 200}, id=f"p{n}")
             await a.expect("gateway_ack", id=f"p{n}", queued=1)
-        queued = (await g.http.get("/health")).json()["queued"]
-        assert queued < 30
+        assert (await g.http.get("/health")).json()["queued"] <= 21
         _, kept = await returning(g, "small", 1)  # the small mailbox was not touched
         assert contents(kept) == [0]
         big = await g.connect()
         await big.send(type="gateway_auth", meshId="big", secret="secret-big")
         await big.expect("gateway_auth_ok")
         dropped = (await big.error("messages_dropped"))["count"]
+        assert dropped >= 19
         kept = [await big.expect("gateway_incoming") for _ in range(40 - dropped)]
-        assert contents(kept) == list(range(dropped, 40))  # the newest survive, in order
+        assert [f["payload"]["type"] for f in kept] == [f"m{n}" for n in range(dropped, 40)]  # the newest, in order
+        await big.quiet()
 
 
 async def test_frames_and_meshes_expire_after_the_ttl(tmp_path: Path) -> None:
@@ -2017,6 +2050,26 @@ async def test_registry_file_is_imported_once(tmp_path: Path) -> None:
                     node = await g.connect()
                     await node.send(type="gateway_auth", meshId="old2", secret="node-secret-1")
                     await node.expect("gateway_auth_error", message="Invalid credentials")
+
+
+async def test_database_registry_moves_into_redis_once(tmp_path: Path) -> None:
+    async with running(make_settings(tmp_path)) as g:  # a single-process gateway's database
+        assert (await g.register("solo")).status_code == 200
+        assert (await g.register("gone")).status_code == 200
+    async with redis_server(tmp_path) as redis:
+        env = {"REDIS_URL": redis.url}
+        async with process(tmp_path, **env) as (_, addr), httpx.AsyncClient(timeout=TIMEOUT) as http:
+            g = Gw([addr], http)
+            async with g.stack:
+                await g.node("solo")  # its registration came along (register() again is a harmless 200)
+                gone = await http.request("DELETE", f"http://{addr}/register", json={"meshId": "gone", "secret": "secret-gone"})
+                assert gone.status_code == 200
+        async with process(tmp_path, **env) as (_, addr), httpx.AsyncClient(timeout=TIMEOUT) as http:
+            g = Gw([addr], http)
+            async with g.stack:  # a restart imports nothing twice: the deleted mesh stays deleted
+                node = await g.connect()
+                await node.send(type="gateway_auth", meshId="gone", secret="secret-gone")
+                await node.expect("gateway_auth_error", message="Invalid credentials")
 
 
 async def test_thousand_meshes_over_three_processes(tmp_path: Path) -> None:
