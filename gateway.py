@@ -28,8 +28,9 @@ import sqlite3
 import sys
 import threading
 import time
+import unicodedata
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Annotated, Any, Generic, Literal, Protocol, TypeVar
@@ -77,6 +78,13 @@ class Settings(Struct, frozen=True, kw_only=True, rename="upper"):
     ping_interval_s: PositiveFloat = 20.0
     ping_timeout_s: PositiveFloat = 20.0
     ws_per_message_deflate: bool = False
+    max_connections: PositiveInt = 20000
+    max_pending_auth: PositiveInt = 1000
+    auth_failures_per_min: PositiveInt = 10
+    register_per_min: PositiveInt = 20
+    max_meshes: PositiveInt = 100000
+    update_rate_per_min: PositiveInt = 30
+    forwarded_allow_ips: str = "127.0.0.1"  # uvicorn's setting: whose X-Forwarded-For is believed
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     def __post_init__(self) -> None:
@@ -1079,7 +1087,7 @@ class Peer:
         "outbox", "queued", "limit", "closing", "goodbye", "dropping", "writer", "auth_deadline",
         "confirm", "tracking", "unconfirmed", "unconfirmed_bytes", "appended", "sending", "sending_at",
         "confirmed", "ping_at", "confirm_timer", "confirm_interval", "kept_seqs", "on_confirm",
-        "live", "backlog", "backlog_bytes", "held", "read_pos", "end", "spills", "space", "all_confirmed", "released",
+        "live", "backlog", "backlog_bytes", "held", "read_pos", "end", "spills", "space", "all_confirmed", "released", "updates", "limited", "greeted",
     )  # fmt: skip
 
     def __init__(self, send: Send, settings: Settings, confirm: ConfirmPing | None = None) -> None:
@@ -1090,7 +1098,10 @@ class Peer:
         self.claimed_ns = 0  # when it claimed its mesh, set by the hub: the later claim wins
         self.participants: list[Participant] = []
         self.public_rooms: list[str] = []
-        self.bucket = TokenBucket(settings.rate_limit_per_min)
+        self.bucket = TokenBucket(settings.rate_limit_per_min)  # relays and broadcasts
+        self.updates = TokenBucket(settings.update_rate_per_min)  # participant/room updates and discovers
+        self.limited = False  # inside a burst of rate-limited frames
+        self.greeted = 0  # participant announcements up to this number were in its greeting
         self.on_close: Callable[[Peer], None] | None = None  # set by the hub that holds this peer
         self.outbox: list[str] = []  # a list, swapped out whole by the writer: cheaper than a deque
         self.queued = 0  # bytes queued and not yet handed to the server
@@ -1120,7 +1131,7 @@ class Peer:
         self.live = True
         self.backlog: list[str] = []
         self.backlog_bytes = 0
-        self.held: dict[str, ParticipantGroup] = {}  # participant groups announced while catching up
+        self.held: dict[str, bytes] = {}  # participant groups (encoded) announced while catching up
         self.read_pos = 0  # mailbox read up to this seq
         self.end = 0  # the mailbox's broadcasts end here (later ones arrive live)
         self.spills = 0  # backlog spills to the mailbox so far
@@ -1131,10 +1142,11 @@ class Peer:
         """Queue one text frame of `size` bytes; a peer that stops reading is cut off, not waited for."""
         if self.closing:
             return False
-        self.outbox.append(text)
+        stopped = self.queued > self.limit or self.unconfirmed_bytes > 4 * self.limit  # before this frame:
+        self.outbox.append(text)  # one big frame (a long discover answer) never cuts off a reader that reads
         self.queued += size
         self.appended += 1
-        if self.queued > self.limit or self.unconfirmed_bytes > 4 * self.limit:
+        if stopped:
             log.warning("mesh %s: send buffer full, closing", self.mesh_id)
             self.close(CLOSE_TRY_AGAIN, "send buffer full", flush=False)
             return self.released  # this frame too is kept for its return (offline delivery), or lost
@@ -1204,9 +1216,9 @@ class Peer:
         backlog, self.backlog, self.backlog_bytes = self.backlog, [], 0
         for text in backlog:
             self.send(text, utf8_size(text))
-        if self.held:
-            self.send_frame(Participants(remote_participants=list(self.held.values())))
-            self.held = {}
+        held, self.held = self.held, {}
+        for frame in participants_frames(held.values()):
+            self.send_bytes(frame)
 
     def presence(self, node: str) -> Presence:
         return Presence(
@@ -1341,7 +1353,10 @@ class Hub:
         self.node = backplane.node
         self.peers: dict[str, Peer] = {}
         self.meshes: dict[str, Presence] = {}
-        self.populated: dict[str, Presence] = {}  # the meshes that have participants (a new mesh gets them)
+        self.populated: dict[str, bytes] = {}  # encoded participant groups of the meshes that have some
+        self._announcing: dict[str, tuple[int, bytes]] = {}  # (announcement number, group) for this window
+        self._announced = 0  # announcements so far
+        self._announce_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
@@ -1351,7 +1366,7 @@ class Hub:
     def _put(self, presence: Presence) -> Presence:
         self.meshes[presence.mesh_id] = presence
         if presence.participants:
-            self.populated[presence.mesh_id] = presence
+            self.populated[presence.mesh_id] = encoder.encode(group(presence))
         else:
             self.populated.pop(presence.mesh_id, None)
         return presence
@@ -1372,7 +1387,7 @@ class Hub:
         peer.claimed_ns = time.time_ns()
         peer.on_close = self.forget
         peer.on_confirm = self._confirmed
-        peer.live = self.mailboxes is None
+        peer.live = False  # until its greeting (and mailbox) are through
         peer.tracking = peer.tracking and self.mailboxes is not None
         self.peers[mesh_id] = peer
         presence = self._put(peer.presence(self.node))
@@ -1380,16 +1395,20 @@ class Hub:
         if old is not None:
             old.close(CLOSE_REPLACED, "replaced")  # its teardown no longer matches: it changes nothing
         arrival = self.mailboxes.arrive(mesh_id, requeue) if self.mailboxes is not None else None
+        peer.send_frame(greeting)  # before any await: no other frame can reach the peer ahead of it
         await self._publish(presence)
-        peer.send_frame(greeting)
         kept = await self._arrived(peer, arrival) if arrival is not None else None
-        groups = [group(p) for p in self.populated.values() if p.mesh_id != mesh_id]
-        if groups:
-            peer.send_frame(Participants(remote_participants=groups))
         if presence.participants or (before is not None and before.participants):
             self._announce(presence)
+        peer.greeted = self._announced  # the greeting holds every group announced so far
+        groups = [piece for m, piece in self.populated.items() if m != mesh_id]
+        for frame in participants_frames(groups):  # bounded frames, at the socket's pace
+            await peer.has_space()
+            peer.send_bytes(frame)
         if kept is not None:
             await self._catch_up(peer, inline=True)
+        elif not peer.closing:
+            peer.go_live()
 
     async def _arrived(self, peer: Peer, arrival: asyncio.Future[Arrival]) -> Arrival | None:
         """Where the peer's mailbox lies; it hears first how many kept frames were dropped."""
@@ -1445,9 +1464,9 @@ class Hub:
     def _spill(self, peer: Peer) -> None:
         """A long catch-up: what waits behind it goes to the mailbox instead of memory,
         unless the socket itself stopped reading (then it is cut off, as any full buffer)."""
-        if self.mailboxes is None or peer.mesh_id is None or peer.backlog_bytes <= peer.limit // 2:
+        if peer.mesh_id is None or peer.backlog_bytes <= peer.limit // 2:
             return
-        if not peer.has_room():
+        if self.mailboxes is None or not peer.has_room():
             log.warning("mesh %s: send buffer full while catching up, closing", peer.mesh_id)
             peer.close(CLOSE_TRY_AGAIN, "send buffer full", flush=False)
             return
@@ -1659,17 +1678,28 @@ class Hub:
             self._spawn(self._publish(self._put(peer.presence(self.node))))
 
     def _announce(self, presence: Presence) -> None:
-        """Send a mesh's participant group to every other mesh on this process."""
-        announced = group(presence)
-        data = encoder.encode(Participants(remote_participants=[announced]))
-        text, size = data.decode(), len(data)
+        """Send a mesh's participant group to every other mesh on this process, coalesced: what
+        is announced within ANNOUNCE_S reaches each receiver as one frame with the latest groups."""
+        self._announced += 1
+        self._announcing[presence.mesh_id] = (self._announced, encoder.encode(group(presence)))
+        if self._announce_timer is None:
+            self._announce_timer = asyncio.get_running_loop().call_later(ANNOUNCE_S, self._flush_announcements)
+
+    def _flush_announcements(self) -> None:
+        self._announce_timer = None
+        announcing, self._announcing = self._announcing, {}
+        first = min(number for number, _ in announcing.values())
+        shared = list(participants_frames(piece for _, piece in announcing.values()))
         for peer in list(self.peers.values()):
-            if peer.mesh_id == presence.mesh_id:
+            if peer.mesh_id not in announcing and peer.greeted < first:
+                news: Iterable[bytes] = shared  # encoded once for every such receiver
+            else:  # not its own group, nor what its greeting already held
+                news = [p for m, (n, p) in announcing.items() if m != peer.mesh_id and n > peer.greeted]
+            if not peer.live:  # greeting or catching up: the latest groups follow once it is through
+                peer.held.update((m, p) for m, (n, p) in announcing.items() if m != peer.mesh_id and n > peer.greeted)
                 continue
-            if peer.live:
-                peer.send(text, size)
-            else:  # catching up: it gets the latest group once its kept frames are through
-                peer.held[presence.mesh_id] = announced
+            for frame in news if news is shared else participants_frames(news):
+                peer.send_bytes(frame)
 
     async def close_all(self, code: int, reason: str) -> None:
         """Close every socket, wait (briefly) for the closes and the cluster to hear of them."""
@@ -1712,6 +1742,28 @@ def answer_relay(sender: Peer, target: str, frame_id: str | None, delivered: int
         sender.send_frame(Error(message=message, code=TARGET_OFFLINE, id=frame_id, target_mesh_id=target))
     elif frame_id is not None:
         sender.send_frame(Ack(id=frame_id, delivered=delivered, queued=queued))
+
+
+# Participant announcements within this window are coalesced (a reconnect storm of 2,000 meshes
+# would otherwise send 2 million single-group frames); each frame holds groups up to FRAME_GROUPS_BYTES.
+ANNOUNCE_S = 0.02
+FRAME_GROUPS_BYTES = 64 * 1024
+PARTICIPANTS_HEAD = b'{"type":"gateway_participants","remoteParticipants":['
+
+
+def participants_frames(groups: Iterable[bytes]) -> Iterator[bytes]:
+    """Encoded participant groups packed into gateway_participants frames of bounded size (the node
+    replaces each mesh's group as it comes, so splitting is compatible)."""
+    batch: list[bytes] = []
+    size = 0
+    for piece in groups:
+        if batch and size + len(piece) > FRAME_GROUPS_BYTES:
+            yield PARTICIPANTS_HEAD + b",".join(batch) + b"]}"
+            batch, size = [], 0
+        batch.append(piece)
+        size += len(piece) + 1
+    if batch:
+        yield PARTICIPANTS_HEAD + b",".join(batch) + b"]}"
 
 
 def group(presence: Presence) -> ParticipantGroup:
@@ -2344,17 +2396,20 @@ async def dispatch(peer: Peer, frame: ClientFrame, hub: Hub) -> None:
     """Handle one decoded frame from an authenticated peer."""
     match frame:
         case Discover():
-            peer.send_frame(DiscoverResult(instances=hub.instances()))
+            if admit(peer, None, peer.updates):
+                peer.send_frame(DiscoverResult(instances=hub.instances()))
         case Relay(target_mesh_id=target, payload=payload, id=frame_id):
-            if admit(peer, frame_id):
+            if admit(peer, frame_id, peer.bucket):
                 hub.relay(peer, target, payload, frame_id)
         case Broadcast(payload=payload, id=frame_id):
-            if admit(peer, frame_id):
+            if admit(peer, frame_id, peer.bucket):
                 hub.broadcast(peer, payload, frame_id)
         case UpdateParticipants(participants=participants):
-            await hub.set_participants(peer, participants)
+            if admit(peer, None, peer.updates):
+                await hub.set_participants(peer, participants)
         case UpdateRooms(public_rooms=rooms):
-            await hub.set_rooms(peer, rooms)
+            if admit(peer, None, peer.updates):
+                await hub.set_rooms(peer, rooms)
         case Auth(id=frame_id):
             peer.send_frame(Error(message="already authenticated", code=ALREADY_AUTHENTICATED, id=frame_id))
 
@@ -2363,19 +2418,24 @@ def unavailable(frame_id: str | None) -> Error:
     return Error(message="backplane unavailable: not relayed to other processes", code=BACKPLANE_UNAVAILABLE, id=frame_id)
 
 
-def admit(peer: Peer, frame_id: str | None) -> bool:
-    """Rate limit relays and broadcasts; an over-limit frame is answered, never relayed."""
-    wait_ms = peer.bucket.take()
-    if wait_ms:
-        peer.send_frame(
-            Error(message="rate limit exceeded", code=RATE_LIMITED, id=frame_id, retry_after_ms=wait_ms)
-        )
-    return not wait_ms
+def admit(peer: Peer, frame_id: str | None, bucket: TokenBucket) -> bool:
+    """Rate limit a frame that fans out or answers with a list: over the limit it is answered, never
+    acted on. The first refusal of a burst is logged, not every frame."""
+    wait_ms = bucket.take()
+    if not wait_ms:
+        peer.limited = False
+        return True
+    if not peer.limited:
+        peer.limited = True
+        log.warning("mesh %s: rate limited (retry after %d ms)", peer.mesh_id, wait_ms)
+    peer.send_frame(Error(message="rate limit exceeded", code=RATE_LIMITED, id=frame_id, retry_after_ms=wait_ms))
+    return False
 
 
 # --- Endpoints: request bodies and HTTP errors --------------------------------
 
-MeshIdField = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+# The whole id must match: `\Z`, not `$` (which also matches before a trailing newline).
+MeshIdField = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,64}\Z")]
 SecretField = Annotated[str, Meta(min_length=8, max_length=512)]
 NameField = Annotated[str, Meta(min_length=1, max_length=100)]
 MAX_BODY_BYTES = 16 * 1024
@@ -2422,9 +2482,23 @@ async def read_json(request: Request, kind: type[Struct]) -> Any:
         raise Reject(400, str(exc)) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise Reject(400, f"invalid JSON: {exc}") from None
+    if isinstance(value, RegisterBody | UnregisterBody) and value.mesh_id in (".", ".."):
+        raise Reject(400, "meshId must not be `.` or `..` - at `$.meshId`")
     if isinstance(value, RegisterBody) and not value.name.isprintable():
         raise Reject(400, "name must be printable - at `$.name`")
+    if isinstance(value, RegisterBody) and not is_visible(value.name):
+        raise Reject(400, "name needs at least one visible character - at `$.name`")
     return value
+
+
+# Letters, digits, punctuation and symbols that render as nothing (fillers, blank patterns).
+BLANK_LOOKING = frozenset("\u115f\u1160\u3164\uffa0\u2800\u17b4\u17b5\u180e")
+
+
+def is_visible(name: str) -> bool:
+    """At least one character that shows: a letter, digit, punctuation mark or symbol that is not
+    blank-looking. Spaces, format and control characters and combining marks alone do not count."""
+    return any(unicodedata.category(c)[0] in "LNPS" and c not in BLANK_LOOKING for c in name)
 
 
 # --- Endpoints and assembly: the Gateway (routes, lifespan), create_app, main -
