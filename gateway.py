@@ -192,8 +192,9 @@ class AuthOk(Frame, tag="gateway_auth_ok"):
     name: str
 
 
-class AuthError(Frame, tag="gateway_auth_error"):
+class AuthError(Frame, tag="gateway_auth_error", omit_defaults=True):
     message: str
+    retry_after_ms: int | None = None  # "Too many attempts": when to try again
 
 
 class Instance(Struct, rename="camel"):
@@ -456,12 +457,18 @@ class Hasher:
                     future.set_result(result)
 
 
+class RegistryFull(Exception):
+    """MAX_MESHES meshes are registered: a new one is refused (507)."""
+
+
 class Registry(Protocol):
     """Compare-and-set storage: every write names the entry it expects to replace."""
 
     async def get(self, mesh_id: str) -> Mesh | None: ...
 
-    async def put(self, mesh: Mesh, *, expect: Mesh | None) -> bool: ...
+    async def put(self, mesh: Mesh, *, expect: Mesh | None) -> bool:
+        """Write `mesh` if the entry is still `expect`; a new one past MAX_MESHES raises RegistryFull."""
+        ...
 
     async def delete(self, mesh: Mesh) -> bool: ...
 
@@ -631,6 +638,8 @@ class SqliteStore:
         self._reading: dict[str, int] = {}  # returning mesh -> kept frames it has not confirmed yet
         self._count: dict[str, int] = {}  # away mesh -> frames in its mailbox
         self._bytes = 0
+        self._meshes = 0  # registered
+        self.max_meshes = settings.max_meshes
         self._checkpoint = False
 
     # --- the writer thread ---
@@ -707,6 +716,8 @@ class SqliteStore:
             return (future, fn(*args), None)
         except (sqlite3.Error, OSError) as exc:
             return (future, None, StoreError(f"database {self.path}: {exc}"))
+        except RegistryFull as exc:
+            return (future, None, exc)
         except Exception as exc:  # a bug in one job fails that job, never the writer thread
             log.exception("database job %s failed", getattr(fn, "__name__", fn))
             return (future, None, exc)
@@ -753,6 +764,7 @@ class SqliteStore:
         self._seen = {mesh_id: seen for mesh_id, _, seen in rows if mesh_id not in catching}
         self._count = {mesh_id: self._mailbox_size(mesh_id, cursor) for mesh_id, cursor in self._away.items()}
         self._bytes = db.execute("SELECT coalesce(sum(length(frame)), 0) FROM kept").fetchone()[0]
+        self._meshes = db.execute("SELECT count(*) FROM meshes").fetchone()[0]
 
     def _db_(self) -> sqlite3.Connection:
         if self._db is None:
@@ -796,6 +808,9 @@ class SqliteStore:
     def _put(self, mesh: Mesh, expect: Mesh | None, legacy: bool) -> bool:
         if self._get(mesh.mesh_id) != expect:
             return False
+        if expect is None and self._meshes >= self.max_meshes:
+            raise RegistryFull
+        self._meshes += expect is None
         self._db_().execute(
             "INSERT INTO meshes (mesh_id, name, secret_hash, created) VALUES (?, ?, ?, ?) ON CONFLICT (mesh_id)"
             " DO UPDATE SET name = excluded.name, secret_hash = excluded.secret_hash, created = excluded.created",
@@ -809,6 +824,7 @@ class SqliteStore:
             return False
         db = self._db_()
         db.execute("DELETE FROM meshes WHERE mesh_id = ?", (mesh.mesh_id,))
+        self._meshes -= 1
         self._discard(mesh.mesh_id)
         return True
 
@@ -822,6 +838,7 @@ class SqliteStore:
             [(m.mesh_id, m.name, m.secret_hash, m.created or time.time()) for m in meshes],
         )
         added = db.total_changes - before
+        self._meshes += added
         db.execute("INSERT INTO imported (digest) VALUES (?)", (digest,))
         return added
 
@@ -1061,6 +1078,40 @@ class TokenBucket:
             return 0
         return math.ceil((1.0 - self.tokens) / self.per_second * 1000)
 
+    def wait_ms(self) -> int:
+        """The milliseconds until a token is available (0: one is), taking none."""
+        tokens = self._now_tokens()
+        return 0 if tokens >= 1.0 else math.ceil((1.0 - tokens) / self.per_second * 1000)
+
+    def full(self) -> bool:
+        return self._now_tokens() >= self.capacity
+
+    def _now_tokens(self) -> float:
+        return min(self.capacity, self.tokens + (time.monotonic() - self.stamp) * self.per_second)
+
+
+class Throttle:
+    """A token bucket per key (a meshId, a client IP): `rate_per_min` events a minute, that many
+    as burst. Failed auths and wrong secrets take tokens; once a key has none it waits for the
+    next (backoff), and nothing is checked meanwhile. Keys whose bucket is full again are
+    forgotten, so memory stays bounded by the keys active within a minute."""
+
+    PRUNE_AT = 100_000
+
+    def __init__(self, rate_per_min: int) -> None:
+        self.rate_per_min = rate_per_min
+        self.buckets: dict[str, TokenBucket] = {}
+
+    def wait_ms(self, *keys: str) -> int:
+        return max((self.buckets[key].wait_ms() for key in keys if key in self.buckets), default=0)
+
+    def take(self, *keys: str) -> int:
+        """Count one event for each key; the wait (ms) if any key was already out of tokens."""
+        if len(self.buckets) > self.PRUNE_AT:
+            for key in [k for k, bucket in self.buckets.items() if bucket.full()]:
+                del self.buckets[key]
+        return max(self.buckets.setdefault(key, TokenBucket(self.rate_per_min)).take() for key in keys)
+
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -1087,7 +1138,7 @@ class Peer:
         "outbox", "queued", "limit", "closing", "goodbye", "dropping", "writer", "auth_deadline",
         "confirm", "tracking", "unconfirmed", "unconfirmed_bytes", "appended", "sending", "sending_at",
         "confirmed", "ping_at", "confirm_timer", "confirm_interval", "kept_seqs", "on_confirm",
-        "live", "backlog", "backlog_bytes", "held", "read_pos", "end", "spills", "space", "all_confirmed", "released", "updates", "limited", "greeted",
+        "live", "backlog", "backlog_bytes", "held", "read_pos", "end", "spills", "space", "all_confirmed", "released", "updates", "limited", "greeted", "ip", "controls",
     )  # fmt: skip
 
     def __init__(self, send: Send, settings: Settings, confirm: ConfirmPing | None = None) -> None:
@@ -1102,6 +1153,8 @@ class Peer:
         self.updates = TokenBucket(settings.update_rate_per_min)  # participant/room updates and discovers
         self.limited = False  # inside a burst of rate-limited frames
         self.greeted = 0  # participant announcements up to this number were in its greeting
+        self.ip = ""  # the client's address
+        self.controls: dict[str, Any] | None = None  # the socket extension, under `python gateway.py`
         self.on_close: Callable[[Peer], None] | None = None  # set by the hub that holds this peer
         self.outbox: list[str] = []  # a list, swapped out whole by the writer: cheaper than a deque
         self.queued = 0  # bytes queued and not yet handed to the server
@@ -1882,6 +1935,7 @@ return redis.call('PUBLISH', KEYS[2], ARGV[3])
 CAS_LUA = """
 local current = redis.call('HGET', KEYS[1], ARGV[1]) or ''
 if current ~= ARGV[2] then return 0 end
+if current == '' and ARGV[3] ~= '' and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[4]) then return -1 end
 if ARGV[3] == '' then redis.call('HDEL', KEYS[1], ARGV[1]) else redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) end
 return 1
 """
@@ -2140,8 +2194,9 @@ class RedisRegistry:
     """The registry in one Redis hash; writes are compare-and-set (Lua), so two
     processes registering the same id at once cannot both win."""
 
-    def __init__(self, backplane: RedisBackplane) -> None:
+    def __init__(self, backplane: RedisBackplane, settings: Settings) -> None:
         self.backplane = backplane
+        self.max_meshes = settings.max_meshes
         self.cas = backplane.redis.register_script(CAS_LUA)
 
     async def get(self, mesh_id: str) -> Mesh | None:
@@ -2165,7 +2220,10 @@ class RedisRegistry:
 
     async def _swap(self, mesh_id: str, expect: Mesh | None, new: bytes) -> bool:
         old = b"" if expect is None else encoder.encode(expect)
-        return bool(await self.backplane.call(self.cas(keys=[KEY_REGISTRY], args=[mesh_id, old, new])))
+        done = await self.backplane.call(self.cas(keys=[KEY_REGISTRY], args=[mesh_id, old, new, self.max_meshes]))
+        if done == -1:
+            raise RegistryFull
+        return bool(done)
 
 
 # Offline mailboxes in Redis: one stream `mesh:log` whose entry ids are a global sequence
@@ -2456,26 +2514,39 @@ class UnregisterBody(Struct, rename="camel"):
 class Reject(Exception):
     """An HTTP error answer: status and a message for the JSON body."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, retry_after_ms: int = 0) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.retry_after_ms = retry_after_ms  # 429: sent as Retry-After (seconds)
 
 
-def json_response(content: Any, status: int = 200) -> Response:
-    return Response(encoder.encode(content), status_code=status, media_type="application/json")
+def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(encoder.encode(content), status_code=status, media_type="application/json", headers=headers)
 
 
-async def read_json(request: Request, kind: type[Struct]) -> Any:
-    """The body, decoded into `kind`; 413 past 16 KiB whether declared or streamed."""
+def client_ip(scope: Mapping[str, Any]) -> str:
+    """The peer's address; uvicorn has already put X-Forwarded-For's there when the peer is in
+    FORWARDED_ALLOW_IPS (its own proxy-headers handling)."""
+    client = scope.get("client")
+    return client[0] if client else "unknown"
+
+
+async def read_json(request: Request, kind: type[Struct], *, timeout: float) -> Any:
+    """The body, decoded into `kind`; 413 past 16 KiB whether declared or streamed, 408 if it
+    takes longer than `timeout` to arrive."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise Reject(413, "body larger than 16 KiB")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise Reject(413, "body larger than 16 KiB")
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_BODY_BYTES:
+                    raise Reject(413, "body larger than 16 KiB")
+    except TimeoutError:
+        raise Reject(408, f"request body not received within {timeout:g} s") from None
     try:
         value = msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:
@@ -2516,6 +2587,18 @@ class AsgiEndpoint:
         await self.endpoint(scope, receive, send)
 
 
+async def refuse(scope: Mapping[str, Any], send: Send, status: int) -> None:
+    """Refuse a WebSocket handshake with an HTTP status (a plain 403 close where the server
+    lacks ASGI's websocket.http.response extension)."""
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 1013})
+        return
+    body = encoder.encode({"error": "too many connections, retry later"})
+    headers = [(b"content-type", b"application/json"), (b"retry-after", b"5")]
+    await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+    await send({"type": "websocket.http.response.body", "body": body})
+
+
 class Gateway:
     """The gateway's routes and lifespan, for `create_app` or a host app to mount."""
 
@@ -2530,6 +2613,10 @@ class Gateway:
         self._hub: Hub | None = None
         self._registry: Registry | None = None
         self._hasher: Hasher | None = None
+        self.failures = Throttle(self.settings.auth_failures_per_min)  # failed auths, per meshId and per IP
+        self.registrations = Throttle(self.settings.register_per_min)  # registrations, per IP
+        self.sockets = 0  # WebSockets open (MAX_CONNECTIONS)
+        self.pending = 0  # of which not yet authenticated (MAX_PENDING_AUTH)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: object = None) -> AsyncIterator[None]:
@@ -2542,7 +2629,7 @@ class Gateway:
             backplane: Backplane
             if settings.redis_url:
                 backplane = RedisBackplane(settings)
-                registry: Registry = RedisRegistry(backplane)
+                registry: Registry = RedisRegistry(backplane, settings)
                 mailboxes: Mailboxes | None = RedisMailboxes(settings, backplane)
                 where = "Redis"
             else:
@@ -2588,6 +2675,17 @@ class Gateway:
         assert self._hasher is not None
         return await self._hasher.verify(secret, secret_hash)
 
+    async def _check(self, mesh_id: str, ip: str, secret: str, secret_hash: str) -> bool:
+        """A secret check on /register: wrong secrets count against the mesh and the IP, and while
+        either is throttled the secret is not checked at all (429)."""
+        keys = (f"mesh:{mesh_id}", f"ip:{ip}")
+        if wait_ms := self.failures.wait_ms(*keys):
+            raise Reject(429, "Too many attempts", retry_after_ms=wait_ms)
+        if await self._verify(secret, secret_hash):
+            return True
+        self.failures.take(*keys)
+        return False
+
     def _is_admin(self, request: Request) -> bool:
         token = self.settings.gateway_admin_token
         offered = request.headers.get("authorization", "")
@@ -2603,9 +2701,13 @@ class Gateway:
                 return await self._unregister(request)
             return await self._register(request)
         except Reject as exc:
-            return json_response({"error": exc.message}, exc.status)
+            headers = {"Retry-After": str(math.ceil(exc.retry_after_ms / 1000))} if exc.retry_after_ms else None
+            return json_response({"error": exc.message}, exc.status, headers)
         except BackplaneUnavailable:
             return json_response({"error": "backplane unavailable, retry later"}, 503)
+        except RegistryFull:
+            log.warning("registration refused: MAX_MESHES=%d reached", self.settings.max_meshes)
+            return json_response({"error": "registry full"}, 507)
         except OSError as exc:  # the registry file could not be written: nothing was acknowledged
             log.error("registry write failed: %s", exc)
             return json_response({"error": "registry could not be saved, retry later"}, 503)
@@ -2614,12 +2716,15 @@ class Gateway:
         admin = self._is_admin(request)
         if self.settings.gateway_admin_token is not None and not admin:
             raise Reject(401, "registration is closed: Authorization: Bearer <token> required")
-        body: RegisterBody = await read_json(request, RegisterBody)
+        ip = client_ip(request.scope)
+        if not admin and (wait_ms := self.registrations.take(f"ip:{ip}")):
+            raise Reject(429, f"too many registrations from {ip}, retry later", retry_after_ms=wait_ms)
+        body: RegisterBody = await read_json(request, RegisterBody, timeout=self.settings.auth_timeout_s)
         for _ in range(3):  # compare-and-set: retry if another request changed the entry meanwhile
             current = await self.registry.get(body.mesh_id)
             if current is None or admin:
                 secret_hash = await self._hash(body.new_secret or body.secret)
-            elif not await self._verify(body.secret, current.secret_hash):
+            elif not await self._check(body.mesh_id, ip, body.secret, current.secret_hash):
                 log.info("register %s refused: already registered", body.mesh_id)
                 raise Reject(409, "meshId already registered")
             elif body.new_secret is not None or is_legacy(current.secret_hash):
@@ -2639,14 +2744,14 @@ class Gateway:
 
     async def _unregister(self, request: Request) -> Response:
         admin = self._is_admin(request)
-        body: UnregisterBody = await read_json(request, UnregisterBody)
+        body: UnregisterBody = await read_json(request, UnregisterBody, timeout=self.settings.auth_timeout_s)
         current = await self.registry.get(body.mesh_id)
         if current is None:
             raise Reject(404, "unknown meshId")
         if not admin:
             if body.secret is None:
                 raise Reject(400, "Object missing required field `secret`")
-            if not await self._verify(body.secret, current.secret_hash):
+            if not await self._check(body.mesh_id, client_ip(request.scope), body.secret, current.secret_hash):
                 raise Reject(403, "wrong secret")
         if not await self.registry.delete(current):
             raise Reject(409, "meshId changed meanwhile, retry")
@@ -2670,9 +2775,16 @@ class Gateway:
         hub = self.hub
         if (await receive())["type"] != "websocket.connect":
             return
+        if self.sockets >= self.settings.max_connections or self.pending >= self.settings.max_pending_auth:
+            log.warning("handshake refused: %d sockets, %d not authenticated", self.sockets, self.pending)
+            await refuse(scope, send, 503)  # before any per-socket state exists
+            return
+        self.sockets += 1
+        self.pending += 1
         await send({"type": "websocket.accept"})
-        extension = scope.get("extensions", {}).get(CONFIRM_EXTENSION)
+        extension = scope.get("extensions", {}).get(SOCKET_EXTENSION)
         peer = Peer(send, self.settings, extension["ping"] if extension else None)
+        peer.ip, peer.controls = client_ip(scope), extension
         if extension:  # SIGTERM: the node confirms what it got before the 1012
             extension["on_shutdown"](lambda: hub.drain_soon(peer))
         peer.auth_deadline = asyncio.get_running_loop().call_later(self.settings.auth_timeout_s, self._auth_timeout, peer)
@@ -2691,6 +2803,8 @@ class Gateway:
             if peer.writer is not None:
                 await asyncio.wait([peer.writer], timeout=2)
         finally:
+            self.sockets -= 1
+            self.pending -= peer.mesh_id is None
             if peer.auth_deadline is not None:
                 peer.auth_deadline.cancel()
             if peer.writer is not None:
@@ -2701,7 +2815,8 @@ class Gateway:
         """Size-check and decode one message, then authenticate or dispatch it."""
         size = utf8_size(data) if isinstance(data, str) else len(data)
         if size > self.settings.max_frame_bytes:
-            if size > self.settings.ws_max_bytes:  # only reached when an embedding server allows more
+            hard_cap = self.settings.ws_max_bytes if peer.mesh_id is not None else PRE_AUTH_MAX_BYTES
+            if size > hard_cap:  # only reached when the server allows more (under a host's own server)
                 peer.close(CLOSE_TOO_BIG, "message too big", flush=False)
                 return
             message = f"frame of {size} bytes exceeds MAX_FRAME_BYTES={self.settings.max_frame_bytes}"
@@ -2720,6 +2835,12 @@ class Gateway:
     async def _authenticate(self, peer: Peer, frame: Auth, hub: Hub) -> None:
         if peer.auth_deadline is not None:  # the node sent its auth in time; checking it may take a while
             peer.auth_deadline.cancel()
+        keys = (f"mesh:{frame.mesh_id}", f"ip:{peer.ip}")
+        if wait_ms := self.failures.wait_ms(*keys):  # throttled: the secret is not even checked
+            log.info("auth refused for %r from %s: too many attempts", frame.mesh_id[:64], peer.ip)
+            peer.send_frame(AuthError(message="Too many attempts", retry_after_ms=wait_ms))
+            peer.close(CLOSE_TRY_AGAIN, "too many attempts")
+            return
         try:
             if not hub.healthy:
                 raise BackplaneUnavailable
@@ -2739,10 +2860,14 @@ class Gateway:
         if peer.closing:
             return  # closed meanwhile (gateway shutting down)
         if mesh is None or not valid:
-            log.info("auth refused for %r", frame.mesh_id[:64])
+            log.info("auth refused for %r from %s: invalid credentials", frame.mesh_id[:64], peer.ip)
+            self.failures.take(*keys)
             peer.send_frame(AuthError(message="Invalid credentials"))
             peer.close(CLOSE_POLICY, "invalid credentials")
             return
+        self.pending -= 1
+        if peer.controls is not None:
+            peer.controls["authenticated"]()  # its messages may now be up to WS_MAX_BYTES
         peer.mesh_id, peer.name = mesh.mesh_id, mesh.name
         peer.participants, peer.public_rooms = frame.participants, frame.public_rooms
         await hub.attach(peer, AuthOk(mesh_id=mesh.mesh_id, name=mesh.name))
@@ -2752,6 +2877,8 @@ class Gateway:
         if peer.mesh_id is None and not peer.closing:
             peer.send_frame(AuthError(message="Auth timeout"))
             peer.close(CLOSE_POLICY, "auth timeout")
+            if peer.controls is not None:  # it may not read its close: the socket goes anyway
+                asyncio.get_running_loop().call_later(1.0, peer.controls["abort"])
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -2759,27 +2886,42 @@ def create_app(settings: Settings | None = None) -> Starlette:
     return Starlette(routes=gateway.routes, lifespan=gateway.lifespan)
 
 
-# The scope extension ConfirmingProtocol offers: {"ping": ConfirmPing, "on_shutdown": register a callback}.
-CONFIRM_EXTENSION = "mesh_gateway.confirm"
+# What GatewayProtocol offers the app in scope["extensions"]: "ping" (a ConfirmPing),
+# "on_shutdown" (register the SIGTERM callback), "authenticated" (lift the pre-auth message
+# size limit) and "abort" (drop the connection, for a peer that does not read its close).
+SOCKET_EXTENSION = "mesh_gateway.socket"
+PRE_AUTH_MAX_BYTES = 16 * 1024  # the largest message before gateway_auth_ok (an auth frame is far smaller)
+MAX_HEADER_BYTES = 16 * 1024  # HTTP request headers; larger: 431
 
 
 @functools.cache
-def confirming_protocol() -> type[asyncio.Protocol]:
+def gateway_protocol(send_buffer_bytes: int) -> type[asyncio.Protocol]:
     """uvicorn's websockets-sansio protocol plus what ASGI cannot say: send a ping and hear
-    its pong (a node's pong confirms every frame before the ping), and on shutdown let the
-    app collect those confirmations before it closes with 1012. Built on first use, so
-    importing the gateway does not import uvicorn."""
+    its pong (a node's pong confirms every frame before the ping); on shutdown let the app
+    collect those confirmations before it closes with 1012; messages of at most 16 KiB
+    until the socket authenticates; pongs count against the send buffer (a peer that pings
+    and never reads is dropped); and an abort. Built on first use, so importing the
+    gateway does not import uvicorn."""
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-    class ConfirmingProtocol(WebSocketsSansIOProtocol):
+    class GatewayProtocol(WebSocketsSansIOProtocol):
         def handle_connect(self, event: Any) -> None:
             self.confirm_waiters: dict[bytes, Callable[[], None]] = {}
             self.confirm_count = 0
             self.on_shutdown: Callable[[], None] | None = None
+            self.conn.max_message_size = min(self.config.ws_max_size, PRE_AUTH_MAX_BYTES)
             super().handle_connect(event)
             if self.handshake_initiated and hasattr(self, "scope"):  # the app runs from the next loop turn
-                extension = {"ping": self.confirm_ping, "on_shutdown": self.set_on_shutdown}
-                self.scope["extensions"][CONFIRM_EXTENSION] = extension  # type: ignore[index]
+                extension = {
+                    "ping": self.confirm_ping,
+                    "on_shutdown": self.set_on_shutdown,
+                    "authenticated": self.authenticated,
+                    "abort": self.transport.abort,
+                }
+                self.scope["extensions"][SOCKET_EXTENSION] = extension  # type: ignore[index]
+
+        def authenticated(self) -> None:
+            self.conn.max_message_size = self.config.ws_max_size
 
         def confirm_ping(self, callback: Callable[[], None]) -> bool:
             if self.close_sent or self.disconnected or self.transport.is_closing():
@@ -2790,6 +2932,13 @@ def confirming_protocol() -> type[asyncio.Protocol]:
             self.conn.send_ping(payload)
             self.transport.write(b"".join(self.conn.data_to_send()))
             return True
+
+        def handle_ping(self) -> None:
+            if self.transport.get_write_buffer_size() > send_buffer_bytes:  # pings, and never reads
+                self.logger.warning("%s:%d - pinging without reading: dropped", *(self.client or ("?", 0)))
+                self.transport.abort()
+                return
+            super().handle_ping()
 
         def handle_pong(self, event: Any) -> None:
             callback = self.confirm_waiters.pop(bytes(event.data), None)
@@ -2808,7 +2957,45 @@ def confirming_protocol() -> type[asyncio.Protocol]:
             callback, self.on_shutdown = self.on_shutdown, None
             callback()  # the app closes with 1012 within 2 s; uvicorn waits for its task
 
-    return ConfirmingProtocol
+    return GatewayProtocol
+
+
+@functools.cache
+def http_protocol() -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol with a cap on request headers (uvicorn has none for it):
+    past MAX_HEADER_BYTES the request is answered 431 before more is buffered."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class BoundedHeadersProtocol(HttpToolsProtocol):
+        header_bytes = 0
+        tail = b""
+
+        def data_received(self, data: bytes) -> None:
+            if self.header_bytes >= 0:  # still in a request's headers
+                seen = self.tail + data
+                end = seen.find(b"\r\n\r\n")
+                self.header_bytes += len(data) if end < 0 else max(0, end - len(self.tail))
+                self.tail = seen[-3:]
+                if self.header_bytes > MAX_HEADER_BYTES:
+                    self.refuse_headers()
+                    return
+                if end >= 0:
+                    self.header_bytes = -1
+            super().data_received(data)
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self.header_bytes, self.tail = 0, b""  # the next request on this connection
+
+        def refuse_headers(self) -> None:
+            body = b'{"error":"request headers larger than 16 KiB"}'
+            head = "HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+            head += f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+            self.transport.write(head.encode() + body)
+            self.transport.close()
+            self.header_bytes = -1
+
+    return BoundedHeadersProtocol
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
@@ -2818,9 +3005,11 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     return {
         "host": settings.host,
         "port": settings.port,
-        "ws": confirming_protocol(),
+        "ws": gateway_protocol(settings.send_buffer_bytes),
         "loop": "uvloop",
-        "http": "httptools",
+        "http": http_protocol(),
+        "forwarded_allow_ips": settings.forwarded_allow_ips,
+        "h11_max_incomplete_event_size": MAX_HEADER_BYTES,
         "ws_max_size": settings.ws_max_bytes,
         "ws_ping_interval": settings.ping_interval_s,
         "ws_ping_timeout": settings.ping_timeout_s,
@@ -2838,9 +3027,22 @@ def main() -> None:
     except SettingsError as exc:
         sys.exit(str(exc))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    raise_file_limit()
     import uvicorn
 
     uvicorn.run(create_app(settings), **uvicorn_options(settings))
+
+
+def raise_file_limit() -> None:
+    """Every socket is a file descriptor: the common soft limit of 1,024 would lock everyone out
+    after 1,000 idle connections, so take the hard limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    log.info("file descriptor limit: %d", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
 
 if __name__ == "__main__":
