@@ -1549,10 +1549,12 @@ class Hub:
     async def drain(self, peer: Peer) -> None:
         """Shutdown: have the node confirm what it was sent (up to 2 s), keep the rest, then 1012."""
         peer.dropping = True  # send nothing more: it is kept instead
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(2):
-                peer._ask()
-                await peer.all_confirmed.wait()
+        if peer.unconfirmed:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2):
+                    peer.all_confirmed.clear()
+                    peer._ask()
+                    await peer.all_confirmed.wait()
         if self.mailboxes is not None and peer.mesh_id is not None and self.peers.get(peer.mesh_id) is peer:
             del self.peers[peer.mesh_id]
             with contextlib.suppress(StoreError):

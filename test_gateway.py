@@ -413,6 +413,9 @@ async def test_slow_peer_is_cut_off_at_its_buffer() -> None:
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    """Defaults, but registrations from this one test client are not rate limited (tests that
+    check that limit set it)."""
+    overrides = {"register_per_min": 100_000} | overrides
     return Settings(db_path=str(tmp_path / "gateway.db"), registry_path=str(tmp_path / "registry.json"), **overrides)
 
 
@@ -500,7 +503,7 @@ class Gw:
         body = {"meshId": mesh_id, "secret": secret or f"secret-{mesh_id}", "name": name or f"Mesh {mesh_id}"} | extra
         return await self.http.post(f"http://{self.next_addr()}{self.prefix}/register", json=body)
 
-    async def connect(self, *, rcvbuf: int | None = None, addr: str | None = None) -> Node:
+    async def connect(self, *, rcvbuf: int | None = None, addr: str | None = None, headers: dict[str, str] | None = None) -> Node:
         addr = addr or self.next_addr()
         sock = None
         if rcvbuf is not None:  # a small receive buffer: the kernel cannot hide a stalled reader
@@ -509,7 +512,9 @@ class Gw:
             host, port = addr.split(":")
             sock.connect((host, int(port)))
         url = f"ws://{addr}{self.prefix}/gateway"
-        ws = await self.stack.enter_async_context(connect(url, open_timeout=TIMEOUT, sock=sock, max_size=None))
+        ws = await self.stack.enter_async_context(
+            connect(url, open_timeout=TIMEOUT, sock=sock, max_size=None, additional_headers=headers)
+        )
         return Node(ws)
 
     async def node(
@@ -1025,6 +1030,290 @@ async def test_slow_receiver_is_cut_off_without_slowing_others(tmp_path: Path) -
         assert (await slow.closed()).code == 1013
         await sender.send(type="gateway_relay", targetMeshId="slow", payload={}, id="gone")
         await sender.expect("gateway_ack", id="gone", delivered=0, queued=1)  # kept for its return
+
+
+# --- Limits against abuse: bounded work and memory per stranger, per mesh, per IP -----
+
+
+async def raw_upgrade(addr: str, headers: str = "") -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    """A bare WebSocket handshake (the attacks below need frames no library sends)."""
+    host, port = addr.split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        f"GET /gateway HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n".encode()
+    )
+    async with asyncio.timeout(TIMEOUT):
+        response = await reader.readuntil(b"\r\n\r\n")
+    return reader, writer, response
+
+
+def client_frame(opcode: int, payload: bytes, *, fin: bool = True, length: int | None = None) -> bytes:
+    """A masked client frame; `length` may announce more than is sent."""
+    n = len(payload) if length is None else length
+    head = bytes([(0x80 if fin else 0) | opcode])
+    head += bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big") if n < 65536 else bytes([0x80 | 127]) + n.to_bytes(8, "big")
+    mask = os.urandom(4)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def closed_by_server(reader: asyncio.StreamReader) -> bool:
+    """Read until the server ends the connection (EOF or reset)."""
+    async with asyncio.timeout(TIMEOUT):
+        with contextlib.suppress(ConnectionResetError):
+            while await reader.read(65536):
+                pass
+    return True
+
+
+async def test_the_greeting_never_locks_a_new_mesh_out(tmp_path: Path) -> None:
+    """Participant lists far larger than the send buffer reach a new mesh in bounded frames, at its
+    pace (the issue's 5,000 meshes x 25 participants against 1 MiB, scaled down for the suite)."""
+    settings = make_settings(tmp_path, send_buffer_bytes=64 * 1024, rate_limit_per_min=100_000)
+    async with running(settings) as g:
+        people = [{"id": f"u{i:02d}", "name": f"Person {i}", "type": "user"} for i in range(25)]
+        for n in range(120):  # 120 x 25 participants: ~130 KB of groups, 4x the socket's limit
+            assert (await g.register(f"big-{n}")).status_code == 200
+            await (await RawNode.open(g)).auth(f"big-{n}", participants=people)  # reads all it is sent
+        assert (await g.register("late")).status_code == 200
+        late = await g.connect()
+        await late.send(type="gateway_auth", meshId="late", secret="secret-late")
+        await late.expect("gateway_auth_ok")
+        groups: dict[str, Any] = {}
+        while len(groups) < 120:
+            frame = await late.expect("gateway_participants")
+            assert len(json.dumps(frame, separators=(",", ":"), ensure_ascii=False)) <= 65 * 1024  # bounded frames
+            groups.update({grp["meshId"]: grp for grp in frame["remoteParticipants"]})
+        assert len(await late.discover()) == 121
+
+
+async def test_updates_and_discovers_are_rate_limited_and_coalesced(tmp_path: Path) -> None:
+    async with running(make_settings(tmp_path, update_rate_per_min=5)) as g:
+        a, b = await g.node("a"), await g.node("b")
+        for n in range(8):
+            await a.send(type="gateway_update_participants", participants=[{"id": str(n), "name": "x", "type": "user"}])
+        limited = [await a.error("rate_limited") for _ in range(3)]
+        assert all(e["retryAfterMs"] > 0 for e in limited)
+        frames = [await b.expect("gateway_participants")]  # the 5 admitted updates, coalesced
+        with contextlib.suppress(TimeoutError):
+            while True:
+                frames.append(await b.recv(timeout=0.3))
+        assert len(frames) < 5 and frames[-1]["remoteParticipants"][0]["participants"][0]["id"] == "4"
+        for _ in range(6):
+            await b.send(type="gateway_discover")
+        answers = [(await b.recv())["type"] for _ in range(6)]
+        assert answers.count("gateway_discover_result") == 5 and answers.count("error") == 1
+
+
+async def test_nothing_reaches_a_socket_before_its_auth_ok(g: Gw) -> None:
+    busy = await g.node("busy")
+    for n in range(5):  # announcements in flight while others join
+        await busy.send(type="gateway_update_participants", participants=[{"id": str(n), "name": "x", "type": "user"}])
+    for n in range(5):
+        assert (await g.register(f"joiner-{n}")).status_code == 200
+        node = await g.connect()
+        await node.send(type="gateway_auth", meshId=f"joiner-{n}", secret=f"secret-joiner-{n}")
+        assert (await node.recv())["type"] == "gateway_auth_ok"
+
+
+async def test_a_big_message_before_auth_closes_1009(tmp_path: Path) -> None:
+    async with running(make_settings(tmp_path, max_frame_bytes=60_000)) as g:
+        node = await g.connect()
+        await node.send(type="gateway_auth", meshId="x", secret="y" * 17_000)  # over 16 KiB, under WS_MAX_BYTES
+        assert (await node.closed()).code == 1009
+        ok = await g.node("legit")
+        await ok.send(type="gateway_relay", targetMeshId="legit", payload={"type": "m", "message": "z" * 20_000}, id="big")
+        await ok.expect("gateway_incoming")  # after auth, big messages are fine
+
+
+async def test_unfinished_frames_before_auth_cost_at_most_16_kib(tmp_path: Path) -> None:
+    async with process(tmp_path) as (proc, addr):
+        sockets = []
+        for _ in range(300):  # each starts a 1 MiB frame and sends 20 KiB of it
+            reader, writer, response = await raw_upgrade(addr)
+            assert b" 101 " in response
+            writer.write(client_frame(1, b"x" * 20_000, length=1 << 20)[: 20_014])
+            sockets.append((reader, writer))
+        for reader, _ in sockets:
+            assert await closed_by_server(reader)  # at 16 KiB, not 1 MiB
+        rss_kb = int(next(l for l in Path(f"/proc/{proc.pid}/status").read_text().splitlines() if l.startswith("VmRSS")).split()[1])
+        assert rss_kb < 200 * 1024
+        async with httpx.AsyncClient(base_url=f"http://{addr}") as http:
+            g = Gw([addr], http)
+            async with g.stack:
+                a, b = await g.node("a"), await g.node("b")
+                await relay_all(a, "b", range(1), delivered=1)
+        for _, writer in sockets:
+            writer.close()
+
+
+async def test_a_ping_flood_that_never_reads_is_dropped(tmp_path: Path) -> None:
+    async with running(make_settings(tmp_path, send_buffer_bytes=64 * 1024, auth_timeout_s=30)) as g:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        host, port = g.addr.split(":")
+        sock.connect((host, int(port)))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(
+            f"GET /gateway HTTP/1.1\r\nHost: {g.addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        ping = client_frame(9, b"p" * 125)
+        dropped = False
+        async with asyncio.timeout(TIMEOUT):
+            for _ in range(200_000):  # 25 MB of pongs owed, never read
+                writer.write(ping * 64)
+                try:
+                    await writer.drain()
+                except ConnectionError:
+                    dropped = True
+                    break
+        assert dropped
+        assert (await g.health())["ok"]
+        writer.close()
+
+
+async def test_the_auth_timeout_closes_a_socket_whatever_it_sends(tmp_path: Path) -> None:
+    async with running(make_settings(tmp_path, auth_timeout_s=0.3)) as g:
+        reader, writer, _ = await raw_upgrade(g.addr)
+        async with asyncio.timeout(TIMEOUT):
+            with contextlib.suppress(ConnectionError):
+                while not reader.at_eof():
+                    writer.write(client_frame(9, b"still here"))  # pings keep coming, the socket never reads
+                    await writer.drain()
+                    await asyncio.sleep(0.01)
+        writer.close()
+
+
+async def test_http_headers_and_slow_bodies_are_bounded(tmp_path: Path) -> None:
+    async with running(make_settings(tmp_path, auth_timeout_s=0.5)) as g:
+        big = await g.http.get("/health", headers={"x-padding": "a" * 20_000})
+        assert big.status_code == 431
+        assert (await g.http.get("/health")).status_code == 200
+        host, port = g.addr.split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"mesh")
+        async with asyncio.timeout(TIMEOUT):
+            status = await reader.readline()
+        assert b" 408 " in status
+        writer.close()
+
+
+async def test_handshakes_past_the_caps_get_503(tmp_path: Path) -> None:
+    async with running(make_settings(tmp_path, max_pending_auth=2, max_connections=3)) as g:
+        strangers = [await g.connect(), await g.connect()]
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            await g.connect()
+        assert refused.value.response.status_code == 503
+        await strangers[0].send(type="gateway_auth", meshId="x", secret="nope-nope")  # no longer pending once refused
+        await strangers[0].closed()
+        a, b = await g.node("a"), await g.node("b")  # pending back under the cap: 3 sockets in all
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            await g.connect()
+        assert refused.value.response.status_code == 503
+        await relay_all(a, "b", range(1), delivered=1)
+
+
+async def test_failed_auths_are_throttled_per_mesh_and_per_ip(tmp_path: Path) -> None:
+    async with running(make_settings(tmp_path, auth_failures_per_min=3)) as g:
+        assert (await g.register("victim")).status_code == 200
+        for _ in range(3):
+            node = await g.connect()
+            await node.send(type="gateway_auth", meshId="victim", secret="guess-guess")
+            await node.expect("gateway_auth_error", message="Invalid credentials")
+        node = await g.connect()  # the right secret now: not even checked
+        await node.send(type="gateway_auth", meshId="victim", secret="secret-victim")
+        refused = await node.expect("gateway_auth_error", message="Too many attempts")
+        assert refused["retryAfterMs"] > 0
+        assert (await node.closed()).code == 1013
+        other = await g.connect()  # the same IP, another mesh: throttled too (per IP)
+        await g.register("bystander")
+        await other.send(type="gateway_auth", meshId="bystander", secret="secret-bystander")
+        await other.expect("gateway_auth_error", message="Too many attempts")
+
+
+async def test_guessing_secrets_on_register_is_throttled(tmp_path: Path) -> None:
+    async with running(make_settings(tmp_path, auth_failures_per_min=2, register_per_min=100)) as g:
+        assert (await g.register("victim")).status_code == 200
+        for _ in range(2):
+            assert (await g.register("victim", secret="wrong-secret")).status_code == 409
+        throttled = await g.register("victim")  # even the right secret
+        assert throttled.status_code == 429 and int(throttled.headers["retry-after"]) >= 1
+        delete = await g.http.request("DELETE", "/register", json={"meshId": "victim", "secret": "secret-victim"})
+        assert delete.status_code == 429
+
+
+async def test_registrations_are_limited_per_ip_and_in_all(tmp_path: Path) -> None:
+    async with running(make_settings(tmp_path, register_per_min=3, max_meshes=4)) as g:
+        assert [(await g.register(f"r{i}")).status_code for i in range(4)] == [200, 200, 200, 429]
+        limited = await g.register("r3")
+        assert limited.status_code == 429 and "retry-after" in limited.headers
+    (tmp_path / "closed").mkdir()
+    async with running(make_settings(tmp_path / "closed", gateway_admin_token="t", register_per_min=1, max_meshes=3)) as g:
+        admin = {"Authorization": "Bearer t"}
+        codes = [(await g.http.post("/register", json={"meshId": f"x{i}", "secret": "secret-x", "name": "X"}, headers=admin)).status_code for i in range(4)]
+        assert codes == [200, 200, 200, 507]  # the bearer is never rate limited; the registry is full
+        full = await g.http.post("/register", json={"meshId": "x9", "secret": "secret-x", "name": "X"}, headers=admin)
+        assert full.json() == {"error": "registry full"}
+
+
+async def test_the_client_ip_comes_from_trusted_proxies_only(tmp_path: Path) -> None:
+    for trusted, throttled in (("127.0.0.1", False), ("", True)):
+        folder = tmp_path / (trusted or "none")
+        folder.mkdir()
+        async with running(make_settings(folder, auth_failures_per_min=2, forwarded_allow_ips=trusted or "10.255.255.255")) as g:
+            for n in range(3):
+                await g.register(f"victim-{n}")
+            results = []
+            for n in range(3):  # each guess says it comes from another address, at another mesh
+                node = await g.connect(headers={"X-Forwarded-For": f"192.0.2.{n}"})
+                await node.send(type="gateway_auth", meshId=f"victim-{n}", secret="guess-guess")
+                results.append((await node.expect("gateway_auth_error"))["message"])
+            assert (results[-1] == "Too many attempts") is throttled
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"meshId": "victim\n", "secret": "secret-123", "name": "V"}, "meshId"),
+        ({"meshId": ".", "secret": "secret-123", "name": "V"}, "meshId"),
+        ({"meshId": "..", "secret": "secret-123", "name": "V"}, "meshId"),
+        ({"meshId": "m", "secret": "secret-123", "name": "\u3164"}, "visible"),
+        ({"meshId": "m", "secret": "secret-123", "name": "\u2800\u2800"}, "visible"),
+        ({"meshId": "m", "secret": "secret-123", "name": "\u0301" * 99}, "visible"),
+        ({"meshId": "m", "secret": "secret-123", "name": " \u200b "}, "name"),
+    ],
+)
+async def test_identities_that_look_like_others_are_refused(tmp_path: Path, body: dict[str, str], needle: str) -> None:
+    async with running(make_settings(tmp_path)) as g:
+        response = await g.http.post("/register", json=body)
+        assert response.status_code == 400 and needle in response.json()["error"]
+        assert (await g.http.post("/register", json={"meshId": "Victim", "secret": "secret-123", "name": "Ünïcødé 名"})).status_code == 200
+        assert (await g.http.post("/register", json={"meshId": "victim", "secret": "secret-456", "name": "v"})).status_code == 200  # case matters
+
+
+async def test_the_file_descriptor_limit_is_raised(tmp_path: Path) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard <= 256:
+        pytest.skip("hard limit too low to test")
+    env = os.environ | {"PORT": str(free_port()), "HOST": "127.0.0.1", "DB_PATH": str(tmp_path / "gateway.db")}
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "gateway.py")], env=env, stderr=subprocess.PIPE,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)),
+    )
+    try:
+        async with asyncio.timeout(15):
+            while "file descriptor limit" not in (line := (await asyncio.to_thread(proc.stderr.readline)).decode()):  # type: ignore[union-attr]
+                assert line, "the gateway exited"
+        assert line.strip().endswith(str(hard))
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        assert f"Max open files            {hard}" in limits
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()  # type: ignore[union-attr]
 
 
 # --- Offline delivery: kept for away meshes, confirmed by the node -----------------
@@ -1713,7 +2002,13 @@ def free_port() -> int:
 async def process(tmp_path: Path, **env: str) -> AsyncIterator[tuple[subprocess.Popen[bytes], str]]:
     """`python gateway.py` as users run it; yields the process and host:port once /health answers."""
     port = free_port()
-    full_env = os.environ | {"PORT": str(port), "HOST": "127.0.0.1", "REGISTRY_PATH": str(tmp_path / "registry.json"), "DB_PATH": str(tmp_path / "gateway.db")} | env
+    full_env = os.environ | {
+        "PORT": str(port),
+        "HOST": "127.0.0.1",
+        "REGISTRY_PATH": str(tmp_path / "registry.json"),
+        "DB_PATH": str(tmp_path / "gateway.db"),
+        "REGISTER_PER_MIN": "100000",  # one test client registers many meshes
+    } | env
     log_file = open(tmp_path / f"gateway-{port}.log", "wb")
     proc = subprocess.Popen([sys.executable, str(HERE / "gateway.py")], env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
     try:

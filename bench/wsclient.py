@@ -15,7 +15,7 @@ import random
 import struct
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import cast
 
 try:  # C helper shipped with the `websockets` package; pure Python fallback below.
@@ -46,6 +46,14 @@ def encode_frame(opcode: int, payload: bytes) -> bytes:
         header = struct.pack("!BBQ", 0x80 | opcode, 0xFF, n)
     key = random.getrandbits(32).to_bytes(4, "big")
     return header + key + mask(payload, key)
+
+
+class UpgradeRefused(ConnectionError):
+    """The server answered the upgrade with another status than 101 (e.g. 503: too many connections)."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.status = status
 
 
 class WsClient(asyncio.Protocol):
@@ -123,7 +131,9 @@ class WsClient(asyncio.Protocol):
         head = bytes(self.buf[:end]).decode("latin-1").split("\r\n")
         del self.buf[: end + 4]
         if not head[0].startswith("HTTP/1.1 101"):
-            self.handshake.set_exception(ConnectionError(f"upgrade refused: {head[0]}"))
+            parts = head[0].split()
+            status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+            self.handshake.set_exception(UpgradeRefused(status, f"upgrade refused: {head[0]}"))
             assert self.transport is not None
             self.transport.close()
             return False
@@ -194,7 +204,10 @@ async def ws_connect(
     on_message: Callable[[bytes], None] | None = None,
     offer_deflate: bool = False,
     timeout: float = 30.0,
+    headers: Sequence[tuple[str, str]] = (),
 ) -> WsClient:
+    """Connect and upgrade; `headers` are extra request header lines (e.g. `X-Forwarded-For`).
+    A refused upgrade (e.g. 503) raises `UpgradeRefused` with the status."""
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout):
         _, client = await loop.create_connection(lambda: WsClient(on_message), host, port)
@@ -209,6 +222,7 @@ async def ws_connect(
         ]
         if offer_deflate:
             lines.append(f"Sec-WebSocket-Extensions: {DEFLATE_OFFER}")
+        lines += [f"{name}: {value}" for name, value in headers]
         assert client.transport is not None
         client.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode())
         try:
