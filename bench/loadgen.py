@@ -104,12 +104,12 @@ STAMP = b'"content":"t='
 # storm of 2,000 meshes with participants sends ~4 million groups, ~800 MB: decoding them would cost more
 # than the server's sending them).
 PARTICIPANTS = b'{"type":"gateway_participants"'
-GROUP_MESH_ID = re.compile(rb'"meshId":"([^"]*)","meshName":"[^"]*","participants":\[(.)')
+GROUP_MESH_ID = re.compile(rb'"meshId":"([^"]*)","meshName":"[^"]*","participants":\[\{')  # non-empty groups only
 
 
 def participants_of(mesh_id: str, n: int) -> list[dict[str, str]]:
     """What a node announces in its gateway_auth: `n` participants, shaped like a node's."""
-    return [{"id": f"{mesh_id}-user-{k}", "name": f"Participant {k} of {mesh_id}", "type": "human"} for k in range(n)]
+    return [{"id": f"u{k}@{mesh_id}", "name": f"Member {k}", "type": "human"} for k in range(n)]
 
 
 def fake_ip(i: int) -> str:
@@ -580,10 +580,38 @@ class Track:
 
 
 class ConnectRole(Role):
-    """Connect and authenticate many meshes at `go` (all at once: an auth storm), then hold them."""
+    """Connect and authenticate many meshes at `go` (all at once: an auth storm), then hold them.
+
+    `participants` > 0: each mesh brings that many in its gateway_auth, and counts the distinct
+    participant groups it is sent (greeting and announcements); once every mesh of this worker has
+    `expect_groups` of them it emits `groups` (the time the last one completed)."""
 
     async def setup(self) -> None:
         self.meshes = [Mesh(m, self.stats) for m in self.job["meshes"]]
+        self.expect_groups = int(self.job.get("expect_groups", 0))
+        self.seen: dict[str, set[bytes]] = {}
+        self.complete_t: list[float] = []
+        self.group_frames = self.group_count = self.group_bytes = 0
+        if n := int(self.job.get("participants", 0)):
+            for mesh in self.meshes:
+                mesh.participants = participants_of(mesh.id, n)
+                self.seen[mesh.id] = set()
+                mesh.on_participants = lambda data, mesh=mesh: self.groups(mesh, data)
+
+    def groups(self, mesh: Mesh, data: bytes) -> None:
+        found = GROUP_MESH_ID.findall(data)
+        self.group_frames += 1
+        self.group_count += len(found)
+        self.group_bytes += len(data)
+        seen = self.seen.get(mesh.id)
+        if seen is None:  # already complete (a group sent again, or an update)
+            return
+        seen.update(found)
+        if len(seen) >= self.expect_groups:
+            del self.seen[mesh.id]  # complete: its set is not needed any more
+            self.complete_t.append(time.monotonic())
+            if not self.seen:
+                emit({"event": "groups", "t": self.complete_t[-1]})
 
     def go(self) -> None:
         super().go()
@@ -597,15 +625,21 @@ class ConnectRole(Role):
         emit({"event": "done", "failed": self.failed})
 
     async def finish(self) -> dict[str, Any]:
+        groups = {
+            "group_frames": self.group_frames, "groups": self.group_count, "group_bytes": self.group_bytes,
+            "groups_complete": len(self.complete_t), "groups_done_t": max(self.complete_t, default=0.0),
+            "groups_short": sorted(len(s) for s in self.seen.values())[:5],  # the least complete meshes
+        }  # fmt: skip
         if not self.task.done():
             self.task.cancel()
             authed = sum(m.authed is not None and m.authed.done() and not m.authed.exception() for m in self.meshes)
-            return {"failed": len(self.meshes) - authed, "unfinished": True}
+            return {"failed": len(self.meshes) - authed, "unfinished": True, **groups}
         clients = [m.client for m in self.meshes if m.client is not None]
         return {
             "failed": self.failed,
             "done_t": self.done_t,
             "deflate_accepted": sum(c.deflate_accepted for c in clients),
+            **groups,
         }
 
 
@@ -629,8 +663,10 @@ class WatcherRole(Role):
         self.task = asyncio.get_running_loop().create_task(self.ping_loop())
 
     async def ping_loop(self) -> None:
+        """Relay to itself and await the echo, back to back (or one every `interval_s`)."""
         loop = asyncio.get_running_loop()
-        seq = 0
+        interval = float(self.job.get("interval_s", 0))
+        seq, start = 0, time.monotonic()
         while self.running:
             seq += 1
             self.waiter = loop.create_future()
@@ -643,6 +679,351 @@ class WatcherRole(Role):
                 self.stats.error("watcher: no echo within 30 s")
                 return
             self.record(sent)
+            if interval:
+                await asyncio.sleep(max(0.0, start + seq * interval - time.monotonic()))
+
+
+class LegitRole(WatcherRole):
+    """A mesh that connects during an attack: at `go` it connects and authenticates (timed), then relays
+    to itself like the watcher (one every `interval_s`); on `connect` a second mesh (`second`) connects
+    and authenticates, timed too. Its connect times are `connect_ms`."""
+
+    async def setup(self) -> None:
+        self.mesh = Mesh(self.job["mesh"], self.stats)
+        self.waiter = None
+        self.mesh.on_incoming = self.echoed
+        self.meshes = [self.mesh]
+        self.connect_ms: list[float] = []
+
+    async def timed_connect(self, mesh: Mesh) -> bool:
+        t0 = time.monotonic()
+        if await self.connect_all([mesh], concurrency=1):
+            return False
+        self.connect_ms.append((time.monotonic() - t0) * 1000)
+        return True
+
+    def go(self) -> None:
+        Role.go(self)
+        self.task = asyncio.get_running_loop().create_task(self.start())
+
+    async def start(self) -> None:
+        ok = await self.timed_connect(self.mesh)
+        emit({"event": "connected", "ok": ok})
+        if ok:
+            await self.ping_loop()
+
+    def command(self, line: str) -> None:
+        if line != "connect":
+            return super().command(line)
+        second = Mesh(self.job["second"], self.stats)
+        self.meshes.append(second)
+
+        async def connect() -> None:
+            emit({"event": "connected", "ok": await self.timed_connect(second)})
+
+        self.second_task = asyncio.get_running_loop().create_task(connect())
+
+    async def finish(self) -> dict[str, Any]:
+        return {"connect_ms": self.connect_ms}
+
+
+class ProbeRole(Role):
+    """Legit meshes authenticating one after another: each sample is connect + upgrade + gateway_auth
+    until gateway_auth_ok; the mesh then leaves. One starts every `interval_s` (or when the last is done)."""
+
+    async def setup(self) -> None:
+        self.meshes = [Mesh(m, self.stats) for m in self.job["meshes"]]
+
+    def go(self) -> None:
+        super().go()
+        self.task = asyncio.get_running_loop().create_task(self.probe())
+
+    async def probe(self) -> None:
+        interval, timeout = float(self.job.get("interval_s", 0)), float(self.job.get("connect_timeout_s", 30))
+        start = time.monotonic()
+        self.failed = 0
+        for i, mesh in enumerate(self.meshes):
+            sent = time.monotonic_ns()
+            try:
+                await mesh.connect(self.host, self.port, deflate=False, timeout=timeout)
+            except (OSError, ConnectionError, TimeoutError) as exc:  # 503, reset, auth error: all failures here
+                self.failed += 1
+                self.stats.error(f"{mesh.id}: legit connect/auth failed: {exc!r}")
+            else:
+                self.record(sent)
+            try:
+                await mesh.leave()
+            except TimeoutError:
+                self.stats.error(f"{mesh.id}: not closed within 10 s")
+            await asyncio.sleep(max(0.0, start + (i + 1) * interval - time.monotonic()))
+        self.done_t = time.monotonic()
+        emit({"event": "done"})
+
+    async def finish(self) -> dict[str, Any]:
+        if not self.task.done():
+            self.task.cancel()
+            return {"failed": len(self.meshes) - self.count, "unfinished": True}
+        return {"failed": self.failed, "done_t": self.done_t}
+
+
+class GuessRole(Role):
+    """A flood of wrong-secret gateway_auth attempts, each on a new connection whose upgrade carries
+    `X-Forwarded-For: 10.a.b.c` (the harness connects from 127.0.0.1, which the gateway trusts for that
+    header by default, so each attempt comes "from" that address; nothing is sent to it).
+
+    Attempt i guesses for `targets[i % len(targets)]` from the ((i % ips) + 1)-th address, `rate` a
+    second (0: as fast as `concurrency` attempts in flight allow), until `stop` or `max_attempts`.
+    Outcomes, from what the gateway answers: `checked` ("Invalid credentials": the secret was
+    checked), `throttled` ("Too many attempts", with `retryAfterMs`: it was not), `refused` (the
+    upgrade was refused, e.g. 503), `unanswered` (reset or timed out before an answer)."""
+
+    OUTCOMES = ("checked", "throttled", "refused", "unanswered", "other")
+
+    async def setup(self) -> None:
+        self.targets: list[str] = self.job["targets"]
+        self.ips = max(1, int(self.job.get("ips", 1)))
+        self.outcomes = dict.fromkeys(self.OUTCOMES, 0)
+        self.statuses: dict[str, int] = {}
+        self.attempts = 0
+        self.first_throttled_s = 0.0  # when the first "Too many attempts" came, from `go`
+
+    def go(self) -> None:
+        super().go()
+        self.task = asyncio.get_running_loop().create_task(self.flood())
+
+    async def flood(self) -> None:
+        rate, limit = float(self.job.get("rate", 0)), int(self.job.get("max_attempts", 1_000_000))
+        gate = asyncio.Semaphore(int(self.job.get("concurrency", 64)))
+        tasks: set[asyncio.Task[None]] = set()
+        start = time.monotonic()
+        while self.running and self.attempts < limit:
+            await gate.acquire()
+            if not self.running:
+                gate.release()
+                break
+            self.attempts += 1
+            task = asyncio.get_running_loop().create_task(self.attempt(self.attempts))
+            tasks.add(task)
+            task.add_done_callback(lambda t: (tasks.discard(t), gate.release()))
+            if rate:
+                await asyncio.sleep(max(0.0, start + self.attempts / rate - time.monotonic()))
+        if tasks:
+            await asyncio.wait(tasks, timeout=15)
+
+    async def attempt(self, i: int) -> None:
+        target, ip = self.targets[i % len(self.targets)], fake_ip(i % self.ips + 1)
+        answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        def on_message(data: bytes) -> None:
+            if not answer.done():
+                answer.set_result(data)
+
+        client: WsClient | None = None
+        outcome = "other"
+        try:
+            async with asyncio.timeout(15):
+                client = await ws_connect(
+                    self.host, self.port, on_message=on_message, headers=[("X-Forwarded-For", ip)], timeout=15
+                )
+                guess = {"type": "gateway_auth", "meshId": target, "secret": f"wrong-guess-{i:08d}"}
+                client.send(json.dumps(guess).encode())
+                data = await answer
+            if b"Invalid credentials" in data:
+                outcome = "checked"
+            elif b"Too many attempts" in data:
+                outcome = "throttled"
+                self.first_throttled_s = self.first_throttled_s or time.monotonic() - self.mark_t
+            else:
+                self.stats.error(f"guess for {target}: unexpected answer {data[:120]!r}")
+        except UpgradeRefused as exc:
+            outcome = "refused"
+            self.statuses[str(exc.status)] = self.statuses.get(str(exc.status), 0) + 1
+        except (OSError, ConnectionError, TimeoutError):
+            outcome = "unanswered"
+        finally:
+            if client is not None and client.transport is not None:
+                client.transport.abort()  # the gateway closes it anyway; a flood does not wait for that
+        if self.measuring:
+            self.outcomes[outcome] += 1
+
+    async def finish(self) -> dict[str, Any]:
+        if not self.task.done():
+            self.task.cancel()
+        return {"attempts": self.attempts, "first_throttled_s": self.first_throttled_s,
+                "refused_status": self.statuses, **self.outcomes}  # fmt: skip
+
+
+def client_frame(fin: bool, opcode: int, payload: bytes, *, length: int | None = None) -> tuple[bytes, bytes]:
+    """(frame, mask key): a masked client frame header announcing `length` bytes (default: the
+    payload's), then the payload, masked from offset 0 (a payload of a multiple of 4 bytes leaves
+    the mask in phase for the frame's next bytes)."""
+    n = len(payload) if length is None else length
+    b0 = (0x80 if fin else 0) | opcode
+    if n < 126:
+        header = struct.pack("!BB", b0, 0x80 | n)
+    elif n < 65536:
+        header = struct.pack("!BBH", b0, 0xFE, n)
+    else:
+        header = struct.pack("!BBQ", b0, 0xFF, n)
+    key = os.urandom(4)
+    return header + key + mask(payload, key), key
+
+
+class PreauthRole(Role):
+    """Sockets that never authenticate and try to make the gateway buffer.
+
+    At `go`: `frames` + `fragments` WebSockets upgrade (`concurrency` at a time) and wait, sending
+    nothing (`holding` once all are open). On `fire`: each of the `frames` sockets starts one text frame
+    announcing `announce` bytes and sends `chunk` bytes of it every `interval_s`, never finishing;
+    each of the `fragments` sockets sends a text message in non-final fragments of `chunk` bytes,
+    one every `interval_s` (a message that keeps growing, each fragment small); and `headers`
+    HTTP connections send a `GET /gateway` upgrade whose headers never end, `header_chunk` bytes
+    every `header_interval_s`, up to `header_total` bytes. Each stops when the gateway closes it
+    (or answers), at `stop`, or at the end of what it meant to send."""
+
+    async def setup(self) -> None:
+        self.frame_clients: list[WsClient] = []
+        self.fragment_clients: list[WsClient] = []
+        self.opened = {"frames": 0, "fragments": 0}
+        self.refused: dict[str, int] = {}
+        self.open_failed = 0
+        # per kind: close codes / HTTP statuses, bytes sent before the gateway's answer, ms until it
+        self.answers: dict[str, dict[str, int]] = {"frames": {}, "fragments": {}, "headers": {}}
+        self.sent_before: dict[str, list[int]] = {"frames": [], "fragments": [], "headers": []}
+        self.answer_ms: dict[str, list[float]] = {"frames": [], "fragments": [], "headers": []}
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def go(self) -> None:
+        super().go()
+        self.task = asyncio.get_running_loop().create_task(self.open_all())
+
+    async def open_all(self) -> None:
+        gate = asyncio.Semaphore(int(self.job.get("concurrency", 100)))
+
+        async def one(kind: str, into: list[WsClient]) -> None:
+            async with gate:
+                try:
+                    client = await ws_connect(self.host, self.port, timeout=30)
+                except UpgradeRefused as exc:
+                    self.refused[str(exc.status)] = self.refused.get(str(exc.status), 0) + 1
+                    return
+                except (OSError, ConnectionError, TimeoutError):
+                    self.open_failed += 1
+                    return
+                self.opened[kind] += 1
+                into.append(client)
+
+        await asyncio.gather(
+            *(one("frames", self.frame_clients) for _ in range(int(self.job.get("frames", 0)))),
+            *(one("fragments", self.fragment_clients) for _ in range(int(self.job.get("fragments", 0)))),
+        )
+        emit({"event": "holding", **self.opened, "refused": self.refused, "open_failed": self.open_failed})
+
+    def command(self, line: str) -> None:
+        if line != "fire":
+            return super().command(line)
+        loop = asyncio.get_running_loop()
+        self.fire_t = time.monotonic()
+        self.tasks += [loop.create_task(self.big_frame(c)) for c in self.frame_clients]
+        self.tasks += [loop.create_task(self.fragmented(c)) for c in self.fragment_clients]
+        self.tasks += [loop.create_task(self.headers()) for _ in range(int(self.job.get("headers", 0)))]
+
+    def answered(self, kind: str, what: str, sent: int, t0: float) -> None:
+        self.answers[kind][what] = self.answers[kind].get(what, 0) + 1
+        self.sent_before[kind].append(sent)
+        self.answer_ms[kind].append((time.monotonic() - t0) * 1000)
+
+    async def slow(self, kind: str, client: WsClient, first: bytes, more: Callable[[], bytes], total: int) -> None:
+        """Write `first`, then `more()` every `interval_s` while the socket is open, up to `total` bytes."""
+        interval = float(self.job.get("interval_s", 0.1))
+        t0, sent = time.monotonic(), 0
+        transport = client.transport
+        assert transport is not None
+        transport.write(first)
+        sent += len(first)
+        while self.running and not client.closed.done() and sent < total:
+            try:
+                await asyncio.wait_for(asyncio.shield(client.closed), interval)
+            except TimeoutError:
+                if transport.is_closing() or transport.get_write_buffer_size() > 1 << 20:
+                    continue
+                data = more()
+                transport.write(data)
+                sent += len(data)
+        if client.closed.done():
+            self.answered(kind, str(client.close_code), sent, t0)
+        else:
+            self.answered(kind, "open", sent, t0)  # the gateway never closed it
+            transport.abort()
+
+    async def big_frame(self, client: WsClient) -> None:
+        chunk, announce = int(self.job.get("chunk", 1024)) // 4 * 4, int(self.job.get("announce", 1 << 20))
+        first, key = client_frame(True, OP_TEXT, b"x" * chunk, length=announce)
+        rest = mask(b"x" * chunk, key)  # the frame's next bytes (chunk is a multiple of 4: same mask phase)
+        await self.slow("frames", client, first, lambda: rest, announce - chunk)
+
+    async def fragmented(self, client: WsClient) -> None:
+        chunk, limit = int(self.job.get("chunk", 1024)), int(self.job.get("announce", 1 << 20))
+        first, _ = client_frame(False, OP_TEXT, b"y" * chunk)
+        await self.slow("fragments", client, first, lambda: client_frame(False, 0, b"y" * chunk)[0], limit)
+
+    async def headers(self) -> None:
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[bytes] = loop.create_future()
+
+        class Listener(asyncio.Protocol):
+            def data_received(self, data: bytes) -> None:
+                if not answer.done():
+                    answer.set_result(data)
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                if not answer.done():
+                    answer.set_result(b"")
+
+        chunk, total = int(self.job.get("header_chunk", 8192)), int(self.job.get("header_total", 4_000_000))
+        interval = float(self.job.get("header_interval_s", 0.005))
+        t0, sent = time.monotonic(), 0
+        try:
+            transport, _ = await loop.create_connection(Listener, self.host, self.port)
+        except OSError:
+            self.answered("headers", "connect failed", 0, t0)
+            return
+        head = (f"GET /gateway HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n")  # fmt: skip
+        line = b"X-Filler: " + b"z" * max(1, chunk - 12) + b"\r\n"
+        transport.write(head.encode())
+        sent += len(head)
+        while self.running and not answer.done() and sent < total:
+            try:
+                await asyncio.wait_for(asyncio.shield(answer), interval)
+            except TimeoutError:
+                if not transport.is_closing() and transport.get_write_buffer_size() <= 1 << 20:
+                    transport.write(line)
+                    sent += len(line)
+        if not answer.done():  # sent everything (or stopped) without an answer: hold until `stop`
+            while self.running and not answer.done():
+                await asyncio.sleep(0.05)
+        if answer.done():
+            data = answer.result()
+            status = data.split(b" ", 2)[1].decode() if data.startswith(b"HTTP/") else "closed"
+            self.answered("headers", status, sent, t0)
+        else:
+            self.answered("headers", "open", sent, t0)
+        transport.abort()
+
+    async def finish(self) -> dict[str, Any]:
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=10)
+        for client in self.frame_clients + self.fragment_clients:
+            if client.transport is not None:
+                client.transport.abort()
+        return {
+            "opened": self.opened, "refused_status": self.refused, "open_failed": self.open_failed,
+            "answers": self.answers,
+            "sent_before_max": {k: max(v, default=0) for k, v in self.sent_before.items()},
+            "answer_ms_max": {k: max(v, default=0.0) for k, v in self.answer_ms.items()},
+            "answer_ms_p50": {k: sorted(v)[len(v) // 2] if v else 0.0 for k, v in self.answer_ms.items()},
+        }  # fmt: skip
 
 
 class RegisterRole(Role):
@@ -686,6 +1067,10 @@ ROLES: dict[str, type[Role]] = {
     "fanout": FanoutRole,
     "connect": ConnectRole,
     "watcher": WatcherRole,
+    "legit": LegitRole,
+    "probe": ProbeRole,
+    "guess": GuessRole,
+    "preauth": PreauthRole,
     "register": RegisterRole,
     "keep": KeepRole,
 }

@@ -48,10 +48,16 @@ README = BENCH_DIR / "README.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 SERVERS = ("gateway", "ceiling")  # --servers; the other sides run only in the scenarios that compare them
 NOISY_PCT = 25.0
-# Rate limits lifted (one client machine sends everything); everything else as in production.
+# Rate limits lifted (one client machine sends everything), and the connection caps above what any
+# scenario opens (10,000 meshes; 5,000 handshakes at once); everything else as in production.
 # A gateway ignores the variables it does not know.
 LIFTED = "100000000"
-BENCH_ENV = {"RATE_LIMIT_PER_MIN": LIFTED, "UPDATE_RATE_PER_MIN": LIFTED, "REGISTER_PER_MIN": LIFTED}
+BENCH_ENV = {
+    "RATE_LIMIT_PER_MIN": LIFTED, "UPDATE_RATE_PER_MIN": LIFTED, "REGISTER_PER_MIN": LIFTED,
+    "AUTH_FAILURES_PER_MIN": LIFTED, "MAX_CONNECTIONS": "1000000", "MAX_PENDING_AUTH": "1000000",
+}  # fmt: skip
+# `guess-flood` measures the auth throttle and the pending-auth cap themselves: production values.
+LIMITS_ENV = {**BENCH_ENV, "AUTH_FAILURES_PER_MIN": "10", "MAX_PENDING_AUTH": "1000", "MAX_CONNECTIONS": "20000"}
 
 
 @dataclass(frozen=True)
@@ -74,7 +80,12 @@ SIDES: dict[str, tuple[Side, ...]] = {
     "fanout-away": (Side("gateway", "gateway", {"away_pct": 0.0}), Side("away", "gateway", {"away_pct": None})),
     "catchup": (GATEWAY,),  # no ceiling: it keeps nothing
     "kept-100k": (GATEWAY,),
-}
+    # Limits against abuse: each against the same load without what it adds, same run.
+    "storm-participants": (Side("no-participants", "gateway", {"participants": False}),
+                           Side("participants", "gateway", {"participants": True})),
+    "guess-flood": (Side("quiet", "gateway-limits", {"flood": False}), Side("flood", "gateway-limits", {"flood": True})),
+    "preauth-memory": (Side("quiet", "gateway", {"attack": False}), Side("attack", "gateway", {"attack": True})),
+}  # fmt: skip
 
 # Scenarios left out of --quick unless named (the quick run must stay ~25 s; see the README).
 QUICK_SKIP: tuple[str, ...] = ("relay-offline", "fanout-max-offline", "kept-100k")
@@ -100,6 +111,7 @@ def server_specs(args: argparse.Namespace, tmp: Path) -> dict[str, Spec]:
     return {
         "gateway": single,
         "offline-off": ServerSpec("offline-off", single.argv, env={**BENCH_ENV, "OFFLINE_TTL_S": "0"}),
+        "gateway-limits": ServerSpec("gateway-limits", single.argv, env=LIMITS_ENV),
         "ceiling": ServerSpec(
             "ceiling", [PYTHON, str(BENCH_DIR / "ceiling.py"), "--ws", args.ws], port_flag=True, uses_registry=False
         ),

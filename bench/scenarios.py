@@ -53,12 +53,29 @@ class Scale:
     kept_frame_bytes: int = 1024  # `kept-100k`: each relay on the wire (`catchup` sends the usual ~300 B)
     keep_window: int = 256  # relays per sender awaiting their gateway_ack (sent once the frame is durable)
     grace_s: float = 0.5  # after the last catch-up frame: time for a frame sent twice to show up
+    # Limits against abuse:
+    storm_participants: int = 2_000  # `storm-participants`: meshes in the storm, with and without participants
+    participants: int = 3  # ... each bringing this many in its gateway_auth
+    probes: int = 200  # `guess-flood`: legit authentications, one after another
+    probe_interval_s: float = 0.025  # ... one starting every this often (5 s for 200)
+    flood_rate: float = 1_000.0  # wrong-secret attempts a second (0: as fast as `flood_concurrency` allows)
+    flood_concurrency: int = 256  # attempts in flight at most (below MAX_PENDING_AUTH, 1,000)
+    flood_targets: int = 100  # registered meshes the guesses are for (none of them a probe's)
+    flood_ips: int = 4_096  # distinct X-Forwarded-For addresses they come "from"
+    flood_lead_s: float = 0.5  # the flood runs this long before the first probe
+    preauth_frames: int = 1_500  # `preauth-memory`: sockets starting a 1 MiB text frame before auth
+    preauth_fragments: int = 500  # ... and sockets sending an ever-growing fragmented message
+    preauth_headers: int = 100  # HTTP connections sending 4 MB of headers that never end
+    preauth_header_bytes: int = 4_000_000
+    preauth_interval_s: float = 0.1  # each frame/fragment socket sends 1 KiB this often
+    preauth_hold_s: float = 3.0  # from the attack's start (the legit mesh relays, a second one connects)
 
     @property
     def universe(self) -> list[str]:
         """Every mesh id a scenario may use; the gateway gets them registered once."""
         kept = self.kept_meshes + self.kept_senders
-        n = max(self.conns, self.storm + 1, self.fanout_meshes, 2 * self.relay_pairs, kept)
+        n = max(self.conns, self.storm + 1, self.fanout_meshes, 2 * self.relay_pairs, kept,
+                self.storm_participants + 1, self.probes + self.flood_targets)  # fmt: skip
         return [mesh_id(i) for i in range(n)]
 
 
@@ -67,6 +84,9 @@ QUICK = Scale(
     relay_pairs=2, relay_window=8, warmup_s=0.1, measure_s=0.3, fanout_meshes=6, fanout_rate=50.0,
     fanout_window=4, conns=40, storm=30, register=40, workers=2, settle_s=0.2, timeout_s=30.0, check_rate=False,
     catchup=200, kept=400, kept_meshes=4, kept_senders=2, keep_window=16, grace_s=0.1,
+    storm_participants=20, probes=10, probe_interval_s=0.01, flood_rate=200.0, flood_concurrency=16,
+    flood_targets=4, flood_ips=8, flood_lead_s=0.1, preauth_frames=20, preauth_fragments=5, preauth_headers=3,
+    preauth_header_bytes=200_000, preauth_interval_s=0.01, preauth_hold_s=0.4,
 )  # fmt: skip
 
 
@@ -330,35 +350,70 @@ async def conns(spec: Spec, ctx: Context) -> Outcome:
 async def auth_storm(spec: Spec, ctx: Context) -> Outcome:
     """A fresh server process over the persisted registry is the restart; then every mesh reconnects at once,
     while one mesh that got in first relays to itself back to back and records its worst round trip."""
+    return await _storm(spec, ctx, ctx.scale.storm)
+
+
+async def _storm(spec: Spec, ctx: Context, n: int, *, participants: int = 0) -> Outcome:
+    """`n` meshes connect and authenticate at once (meshes 0..n-1; mesh n is the watcher). With
+    `participants`, each brings that many in its gateway_auth and the storm is over when every mesh
+    has been sent every other mesh's group (`settled_s`); without, when all are authenticated."""
     s = ctx.scale
-    meshes = [mesh_id(i) for i in range(s.storm)]
+    meshes = [mesh_id(i) for i in range(n)]
     async with (
         spec.launch(ctx.tmp, store=ctx.store(spec)) as server,
         Fleet(ctx.tmp, "watcher") as watcher,
         Fleet(ctx.tmp, "storm") as storm,
     ):
-        await watcher.start([job("watcher", server, ctx, mesh=mesh_id(s.storm))])
+        await watcher.start([job("watcher", server, ctx, mesh=mesh_id(n))])
         # The storm runs niced so that the watcher's own process is not what stalls.
         params = {"nice": 5, "connect_timeout_s": s.timeout_s, "retries": 2}
+        if participants:
+            params |= {"participants": participants, "expect_groups": n - 1}
         await storm.start([job("connect", server, ctx, meshes=c, **params) for c in chunks(meshes, s.workers)])
         watcher.send("go")
         await asyncio.sleep(0.2)  # a baseline of quiet round trips
         storm.send("go")
         meter = Meter(server)
         late = await until_done(storm, s.timeout_s)
+        groups: list[dict[str, Any]] = []
+        if participants and not late:
+            try:  # every mesh has every other mesh's group
+                groups = list(await asyncio.gather(*(w.event("groups", s.timeout_s) for w in storm.workers)))
+            except TimeoutError:
+                late.append(f"not every mesh got all {n - 1} participant groups within {s.timeout_s:.0f}s")
         meter.stop()
         storm_results = await storm.results()
         watch = (await watcher.results())[0]
+    authed = elapsed(storm_results)
+    start = min(r["mark_t"] for r in storm_results)
     metrics = {
-        "all_authed_s": elapsed(storm_results),
+        "all_authed_s": authed,
+        "settled_s": max(g["t"] for g in groups) - start if groups else authed if not participants else float("nan"),
         "max_stall_ms": max(watch["samples"], default=0) / 1e6,
         "watcher_pings": watch["count"],
         "reconnects": sum(r["reconnects"] for r in storm_results),  # connects refused/reset, retried after 0.5 s
     }
+    if participants:
+        sent = sum(r["groups"] for r in storm_results)
+        metrics |= {
+            "groups": sent,  # participant groups received by the storm's meshes, in all
+            "groups_again": sent - n * (n - 1),  # received more than once (a greeting and an announcement)
+            "group_frames": sum(r["group_frames"] for r in storm_results),
+            "group_mb": sum(r["group_bytes"] for r in storm_results) / MB,
+            "meshes_complete": sum(r["groups_complete"] for r in storm_results),
+        }
     out = outcome(metrics, meter, storm_results)
     out.errors[:0] = late
+    if participants and not late and metrics["meshes_complete"] != n:
+        out.errors.append(f"{metrics['meshes_complete']}/{n} meshes got every other mesh's participants")
     check([watch], out)
     return out
+
+
+async def storm_participants(spec: Spec, ctx: Context, *, participants: bool = False) -> Outcome:
+    """The auth storm with `storm_participants` meshes, each bringing `participants` (the scale's) or none."""
+    s = ctx.scale
+    return await _storm(spec, ctx, s.storm_participants, participants=s.participants if participants else 0)
 
 
 async def register(spec: Spec, ctx: Context) -> Outcome:
@@ -544,6 +599,156 @@ async def kept_100k(spec: Spec, ctx: Context) -> Outcome:
     return out
 
 
+# --- Limits against abuse ---------------------------------------------------------------
+
+
+def counted(values: dict[str, int]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in sorted(values.items())) or "none"
+
+
+async def guess_flood(spec: Spec, ctx: Context, *, flood: bool = False) -> Outcome:
+    """Legit authentications one after another (`probes`, each connect + upgrade + gateway_auth until
+    gateway_auth_ok, from 127.0.0.1), alone or during a flood of wrong-secret gateway_auth attempts for
+    `flood_targets` other registered meshes, each "from" one of `flood_ips` addresses (X-Forwarded-For,
+    believed from 127.0.0.1 by default). The gateway runs with the production AUTH_FAILURES_PER_MIN and
+    MAX_PENDING_AUTH (run.py's `gateway-limits`). Reports the legit auth latency, and how many
+    guesses a second the gateway checked and how many it turned away unchecked ("Too many attempts")."""
+    s = ctx.scale
+    universe = s.universe
+    probes, targets = universe[: s.probes], universe[-s.flood_targets :]
+    async with (
+        spec.launch(ctx.tmp, store=ctx.store(spec)) as server,
+        Fleet(ctx.tmp, "probe") as prober,
+        Fleet(ctx.tmp, "guess") as flooder,
+    ):
+        await prober.start([job("probe", server, ctx, meshes=probes, interval_s=s.probe_interval_s)])
+        if flood:  # niced, like the storm: the probes' own process must not be what is slow
+            params = {"targets": targets, "ips": s.flood_ips, "rate": s.flood_rate,
+                      "concurrency": s.flood_concurrency, "nice": 5}  # fmt: skip
+            await flooder.start([job("guess", server, ctx, **params)])
+        meter = Meter(server)
+        if flood:
+            flooder.send("go")
+            await asyncio.sleep(s.flood_lead_s)
+        prober.send("go")
+        late = await until_done(prober, s.timeout_s)
+        meter.stop()
+        results = await prober.results()
+        guessed = (await flooder.results())[0] if flood else None
+    samples = sorted(results[0]["samples"])
+    metrics = {
+        "p50_ms": percentile(samples, 50), "p99_ms": percentile(samples, 99), "max_ms": percentile(samples, 100),
+        "probes": len(samples),
+    }  # fmt: skip
+    errors: list[str] = []
+    if guessed is not None:
+        window = guessed["window_s"]
+        answered = guessed["checked"] + guessed["throttled"]
+        metrics |= {
+            "attempts_per_s": sum(guessed[k] for k in ("checked", "throttled", "refused", "unanswered", "other"))
+            / window,
+            "checked_per_s": guessed["checked"] / window,
+            "throttled_per_s": guessed["throttled"] / window,
+            "throttled_share": guessed["throttled"] / answered if answered else float("nan"),
+            "checked": guessed["checked"], "throttled": guessed["throttled"],
+            "refused": guessed["refused"], "unanswered": guessed["unanswered"],
+            "first_throttled_ms": guessed["first_throttled_s"] * 1000,
+            "flood_s": window,
+        }  # fmt: skip
+        if guessed["refused"]:
+            errors.append(f"{guessed['refused']} guesses refused at the upgrade ({counted(guessed['refused_status'])})")
+        flood_out = Outcome()
+        check([guessed], flood_out)  # unexpected answers to a guess
+        errors += flood_out.errors
+    out = outcome(metrics, meter, results)
+    out.errors[:0] = late + errors
+    if guessed is not None:
+        out.loadgen_cpu_pct = load_cpu([*results, guessed])
+    return out
+
+
+async def preauth_memory(spec: Spec, ctx: Context, *, attack: bool = False) -> Outcome:
+    """Sockets that never authenticate and try to make the gateway buffer, against its peak RSS; meanwhile
+    a legit mesh connects (timed), relays to itself (one every 5 ms, latency), and a second connects.
+
+    With `attack`: `preauth_frames` WebSockets upgrade and wait (all open before the legit mesh
+    connects), then each starts a text frame announcing 1 MiB and sends 1 KiB of it every
+    `preauth_interval_s` (100 ms), `preauth_fragments` send a fragmented message, 1 KiB per fragment
+    as often, and
+    `preauth_headers` HTTP connections send an upgrade request whose headers never end (8 KiB every
+    5 ms, up to `preauth_header_bytes`). The gateway must close each frame/fragment socket with 1009
+    (a message over 16 KiB before auth) and answer each header connection 431."""
+    s = ctx.scale
+    legit, second = mesh_id(0), mesh_id(1)
+    frames, fragments, headers = (s.preauth_frames, s.preauth_fragments, s.preauth_headers) if attack else (0, 0, 0)
+    errors: list[str] = []
+    async with (
+        spec.launch(ctx.tmp, store=ctx.store(spec)) as server,
+        Fleet(ctx.tmp, "legit") as legits,
+        Fleet(ctx.tmp, "preauth") as attackers,
+    ):
+        await legits.start([job("legit", server, ctx, mesh=legit, second=second, interval_s=0.005)])
+        if attack:
+            params = {"frames": frames, "fragments": fragments, "headers": headers, "announce": 1 << 20,
+                      "chunk": 1024, "interval_s": s.preauth_interval_s, "header_chunk": 8192, "header_interval_s": 0.005,
+                      "header_total": s.preauth_header_bytes, "concurrency": 100, "nice": 5}  # fmt: skip
+            await attackers.start([job("preauth", server, ctx, **params)])
+        async with RssPeak(server) as rss:
+            meter = Meter(server)
+            holding: dict[str, Any] = {}
+            if attack:
+                attackers.send("go")
+                holding = await attackers.workers[0].event("holding", s.timeout_s)
+            pending = await server.health() or {}
+            legits.send("go")
+            first = await legits.workers[0].event("connected", 30)
+            await asyncio.sleep(s.preauth_hold_s / 4)  # relaying beside the open, silent sockets
+            fired = time.monotonic()
+            if attack:
+                attackers.send("fire")
+            await asyncio.sleep(0.05)
+            legits.send("connect")
+            second_ok = await legits.workers[0].expect("connected", 30)
+            await asyncio.sleep(max(0.0, s.preauth_hold_s - (time.monotonic() - fired)))
+            meter.stop()
+            results = await legits.results()
+            hit = (await attackers.results())[0] if attack else None
+    lat = latency(results)
+    connect_ms = results[0].get("connect_ms", [])
+    metrics = {
+        "rss_before_mb": rss.before / MB, "rss_peak_mb": rss.peak / MB, "rss_growth_mb": (rss.peak - rss.before) / MB,
+        "relay_p50_ms": lat["p50_ms"], "relay_p99_ms": lat["p99_ms"], "relay_max_ms": lat["max_ms"],
+        "relays": results[0]["count"], "connect_ms": max(connect_ms, default=float("nan")),
+        "open_before_auth": holding.get("frames", 0) + holding.get("fragments", 0),
+    }  # fmt: skip
+    if not (first.get("ok") and second_ok.get("ok")):
+        errors.append("the legit meshes could not connect")
+    if hit is not None:
+        answers = hit["answers"]
+        metrics |= {
+            "frames_1009": answers["frames"].get("1009", 0), "fragments_1009": answers["fragments"].get("1009", 0),
+            "headers_431": answers["headers"].get("431", 0),
+            "frame_sent_max_kib": hit["sent_before_max"]["frames"] / 1024,
+            "fragment_sent_max_kib": hit["sent_before_max"]["fragments"] / 1024,
+            "header_sent_max_kib": hit["sent_before_max"]["headers"] / 1024,
+            "frame_closed_max_ms": hit["answer_ms_max"]["frames"],
+            "fragment_closed_max_ms": hit["answer_ms_max"]["fragments"],
+            "header_answered_max_ms": hit["answer_ms_max"]["headers"],
+        }  # fmt: skip
+        if hit["refused_status"] or hit["open_failed"]:
+            errors.append(f"attack sockets refused ({counted(hit['refused_status'])}) or failed ({hit['open_failed']})")
+        for kind, want, n in (("frames", "1009", frames), ("fragments", "1009", fragments), ("headers", "431", headers)):
+            if answers[kind] != {want: n}:
+                errors.append(f"{kind}: expected {n} x {want}, got {counted(answers[kind])}")
+        if pending.get("connected") != 0:
+            errors.append(f"/health with only unauthenticated sockets open: {pending}")
+    out = outcome(metrics, meter, results)
+    out.errors[:0] = errors
+    if hit is not None:
+        out.loadgen_cpu_pct = load_cpu([*results, hit])
+    return out
+
+
 # --- Setup ---------------------------------------------------------------------------
 
 
@@ -592,6 +797,10 @@ SCENARIOS: dict[str, Scenario] = {
     "conns": conns,
     "auth-storm": auth_storm,
     "register": register,
+    # Limits against abuse (run.py's SIDES: each with its baseline)
+    "storm-participants": storm_participants,
+    "guess-flood": guess_flood,
+    "preauth-memory": preauth_memory,
     "cluster": relay,  # run on the single-process gateway and on the cluster (run.py), compared with each other
     # Offline delivery (run.py's SIDES say what each is compared with):
     "relay-offline": relay,

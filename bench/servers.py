@@ -420,6 +420,14 @@ class Worker:
         if not self.proc.stdin.is_closing():
             self.proc.stdin.write(line.encode() + b"\n")
 
+    async def event(self, event: str, timeout: float) -> dict[str, Any]:
+        """The first `event` line, also if it came already while another one was awaited (events
+        whose order between two kinds is not fixed, e.g. a storm worker's `groups` and `done`)."""
+        for message in self.events:
+            if message["event"] == event:
+                return message
+        return await self.expect(event, timeout)
+
     async def expect(self, event: str, timeout: float) -> dict[str, Any]:
         """The next `event` line (earlier events are kept in `events`)."""
         assert self.proc.stdout is not None
