@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import queue
 import re
+import socket
 import sqlite3
 import sys
 import threading
@@ -85,9 +86,13 @@ class Settings(Struct, frozen=True, kw_only=True, rename="upper"):
     max_meshes: PositiveInt = 100000
     update_rate_per_min: PositiveInt = 30
     forwarded_allow_ips: str = "127.0.0.1"  # uvicorn's setting: whose X-Forwarded-For is believed
+    metrics_port: Annotated[int, Meta(ge=1, le=65535)] | None = None
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_format: Literal["text", "json"] = "text"
 
     def __post_init__(self) -> None:
+        if self.redis_url is not None and not re.fullmatch(r"(rediss?|unix)://\S+", self.redis_url):
+            raise ValueError(f"REDIS_URL={self.redis_url!r} is not a redis://, rediss:// or unix:// URL")
         if self.ws_max_bytes < self.max_frame_bytes:
             raise ValueError(
                 f"WS_MAX_BYTES={self.ws_max_bytes} is below MAX_FRAME_BYTES={self.max_frame_bytes}"
@@ -98,7 +103,7 @@ class Settings(Struct, frozen=True, kw_only=True, rename="upper"):
         """The only code that reads the environment. Empty values count as unset."""
         names = [name.upper() for name in cls.__struct_fields__]
         raw = {name: environ[name] for name in names if environ.get(name)}
-        for name in ("PAYLOAD_POLICY", "LOG_LEVEL"):
+        for name in ("PAYLOAD_POLICY", "LOG_LEVEL", "LOG_FORMAT"):
             if name in raw:
                 raw[name] = raw[name].strip().lower()
         try:
@@ -472,7 +477,22 @@ class Registry(Protocol):
 
     async def delete(self, mesh: Mesh) -> bool: ...
 
+    async def listing(self, *, after: str, limit: int) -> list[MeshInfo]:
+        """Registered meshes in meshId order after `after` (admin listing)."""
+        ...
+
     async def close(self) -> None: ...
+
+
+class MeshInfo(Struct, rename="camel"):
+    """One line of the admin listing (never the secret's hash)."""
+
+    mesh_id: str
+    name: str
+    created: float | None
+    last_seen: float | None
+    kept: int
+    connected: bool = False
 
 
 class Mailboxes(Protocol):
@@ -788,6 +808,16 @@ class SqliteStore:
 
     async def delete(self, mesh: Mesh) -> bool:
         return await self.call(self._delete, mesh)
+
+    async def listing(self, *, after: str, limit: int) -> list[MeshInfo]:
+        return await self.call(self._listing, after, limit)
+
+    def _listing(self, after: str, limit: int) -> list[MeshInfo]:
+        rows = self._db_().execute(
+            "SELECT mesh_id, name, created, last_seen FROM meshes WHERE mesh_id > ? ORDER BY mesh_id LIMIT ?", (after, limit)
+        ).fetchall()
+        kept = self._count | self._reading
+        return [MeshInfo(m, name, created, seen, kept.get(m, 0)) for m, name, created, seen in rows]
 
     async def import_file(self, path: str) -> None:
         """Add the meshes of a registry file the database lacks, once per file content."""
@@ -1200,7 +1230,7 @@ class Peer:
         self.queued += size
         self.appended += 1
         if stopped:
-            log.warning("mesh %s: send buffer full, closing", self.mesh_id)
+            log.warning("mesh %s: send buffer full, cut off (1013)", self.mesh_id, extra=self.context("cut_off", 1013))
             self.close(CLOSE_TRY_AGAIN, "send buffer full", flush=False)
             return self.released  # this frame too is kept for its return (offline delivery), or lost
         self._wake()
@@ -1208,6 +1238,10 @@ class Peer:
 
     def send_frame(self, frame: Frame) -> bool:
         return self.send_bytes(encoder.encode(frame))
+
+    def context(self, event: str, code: int | None = None) -> dict[str, Any]:
+        """The `extra` of a log line about this socket (LOG_FORMAT=json shows every field)."""
+        return {"event": event, "mesh_id": self.mesh_id, "conn": self.conn, "ip": self.ip, "code": code}
 
     def send_bytes(self, data: bytes) -> bool:
         return self.send(data.decode(), len(data))
@@ -1446,6 +1480,7 @@ class Hub:
         presence = self._put(peer.presence(self.node))
         requeue = old.release() if old is not None and self.mailboxes is not None else None
         if old is not None:
+            log.info("mesh %s: replaced by a newer connection (4000)", mesh_id, extra=old.context("replaced", 4000))
             old.close(CLOSE_REPLACED, "replaced")  # its teardown no longer matches: it changes nothing
         arrival = self.mailboxes.arrive(mesh_id, requeue) if self.mailboxes is not None else None
         peer.send_frame(greeting)  # before any await: no other frame can reach the peer ahead of it
@@ -1520,7 +1555,7 @@ class Hub:
         if peer.mesh_id is None or peer.backlog_bytes <= peer.limit // 2:
             return
         if self.mailboxes is None or not peer.has_room():
-            log.warning("mesh %s: send buffer full while catching up, closing", peer.mesh_id)
+            log.warning("mesh %s: send buffer full while catching up, cut off (1013)", peer.mesh_id, extra=peer.context("cut_off", 1013))
             peer.close(CLOSE_TRY_AGAIN, "send buffer full", flush=False)
             return
         frames = [text.encode() for text in peer.backlog]
@@ -2071,7 +2106,7 @@ class RedisBackplane:
                 await self._session()
             except self.errors as exc:
                 if self.healthy:
-                    log.error("backplane lost (%s): /health answers 503 until Redis is back", exc)
+                    log.error("backplane down (%s): /health answers 503 until Redis is back", exc, extra={"event": "backplane_down"})
                 self.healthy = False
             await asyncio.sleep(self.RETRY_S)
 
@@ -2085,7 +2120,7 @@ class RedisBackplane:
             await self._announce_all()
             await self._resync()
             self.healthy = True
-            log.info("backplane connected (process %s)", self.node)
+            log.warning("backplane up: Redis answers (process %s)", self.node, extra={"event": "backplane_up"})
             loop = asyncio.get_running_loop()
             next_beat = next_sync = loop.time()
             while True:
@@ -2219,6 +2254,18 @@ class RedisRegistry:
 
     async def close(self) -> None:
         pass
+
+    async def listing(self, *, after: str, limit: int) -> list[MeshInfo]:
+        redis = self.backplane.redis
+        entries, seen, counts = await self.backplane.call(
+            redis.pipeline(transaction=False).hgetall(KEY_REGISTRY).hgetall(KEY_SEEN).hgetall(KEY_COUNT).execute()
+        )
+        meshes = sorted((msgspec.json.decode(raw, type=Mesh) for raw in entries.values()), key=lambda m: m.mesh_id)
+        chosen = [m for m in meshes if m.mesh_id > after][:limit]
+        return [
+            MeshInfo(m.mesh_id, m.name, m.created, float(seen[k]) if (k := m.mesh_id.encode()) in seen else None, int(counts.get(k, 0)))
+            for m in chosen
+        ]
 
     async def _swap(self, mesh_id: str, expect: Mesh | None, new: bytes) -> bool:
         old = b"" if expect is None else encoder.encode(expect)
@@ -2487,7 +2534,7 @@ def admit(peer: Peer, frame_id: str | None, bucket: TokenBucket) -> bool:
         return True
     if not peer.limited:
         peer.limited = True
-        log.warning("mesh %s: rate limited (retry after %d ms)", peer.mesh_id, wait_ms)
+        log.warning("mesh %s: rate limited (retry after %d ms)", peer.mesh_id, wait_ms, extra=peer.context("rate_limited"))
     peer.send_frame(Error(message="rate limit exceeded", code=RATE_LIMITED, id=frame_id, retry_after_ms=wait_ms))
     return False
 
@@ -2601,6 +2648,22 @@ async def refuse(scope: Mapping[str, Any], send: Send, status: int) -> None:
     await send({"type": "websocket.http.response.body", "body": body})
 
 
+def startup_summary(settings: Settings, where: str, offline: str, backplane_up: bool) -> str:
+    """One line at warning level (never silenced by LOG_LEVEL) saying how this gateway runs."""
+    loopback = settings.host in ("127.0.0.1", "::1", "localhost")
+    if settings.gateway_admin_token:
+        registration = "registration closed (admin token)"
+    elif loopback:
+        registration = "registration open"
+    else:
+        registration = "registration OPEN to anyone who can reach it (set GATEWAY_ADMIN_TOKEN to close it)"
+    redis = "no Redis" if not settings.redis_url else "Redis answered" if backplane_up else "Redis NOT answering"
+    return (
+        f"mesh-gateway {VERSION} ready on http://{settings.host}:{settings.port}: {registration}; payload policy "
+        f"{settings.payload_policy}; state in {where}; {offline}; {redis}"
+    )
+
+
 class Gateway:
     """The gateway's routes and lifespan, for `create_app` or a host app to mount."""
 
@@ -2608,7 +2671,7 @@ class Gateway:
         self.settings = settings or Settings.from_env()
         self.decoder = FRAME_DECODERS[self.settings.payload_policy]
         self.routes: list[BaseRoute] = [
-            Route("/register", self.register, methods=["POST", "DELETE"]),
+            Route("/register", self.register, methods=["GET", "POST", "DELETE"]),
             Route("/health", self.health, methods=["GET"]),
             WebSocketRoute("/gateway", AsgiEndpoint(self.gateway_ws)),
         ]
@@ -2617,6 +2680,7 @@ class Gateway:
         self._hasher: Hasher | None = None
         self.failures = Throttle(self.settings.auth_failures_per_min)  # failed auths, per meshId and per IP
         self.registrations = Throttle(self.settings.register_per_min)  # registrations, per IP
+        self.draining = False  # SIGTERM came: /health answers 503 so load balancers move on
         self.sockets = 0  # WebSockets open (MAX_CONNECTIONS)
         self.pending = 0  # of which not yet authenticated (MAX_PENDING_AUTH)
 
@@ -2650,7 +2714,7 @@ class Gateway:
             stack.callback(self._stopped)
             stack.push_async_callback(hub.close_all, CLOSE_RESTART, "service restart")
             offline = f"offline delivery {settings.offline_ttl_s:g} s" if hub.mailboxes else "offline delivery off"
-            log.info("gateway ready (state in %s, %s)", where, offline)
+            log.warning(startup_summary(settings, where, offline, backplane.healthy), extra={"event": "ready"})
             yield
 
     def _stopped(self) -> None:
@@ -2701,6 +2765,8 @@ class Gateway:
                 raise BackplaneUnavailable
             if request.method == "DELETE":
                 return await self._unregister(request)
+            if request.method == "GET":
+                return await self._list(request)
             return await self._register(request)
         except Reject as exc:
             headers = {"Retry-After": str(math.ceil(exc.retry_after_ms / 1000))} if exc.retry_after_ms else None
@@ -2744,6 +2810,19 @@ class Gateway:
                 return json_response({"ok": True, "created": current is None})
         raise Reject(409, "meshId already registered")
 
+    async def _list(self, request: Request) -> Response:
+        """Admin: the registered meshes, `limit` at a time after the meshId `after`."""
+        if not self._is_admin(request):
+            raise Reject(401, "listing meshes needs Authorization: Bearer <GATEWAY_ADMIN_TOKEN>")
+        limit = request.query_params.get("limit", "1000")
+        if not limit.isdigit() or not 1 <= int(limit) <= 10000:
+            raise Reject(400, "limit must be 1-10000")
+        meshes = await self.registry.listing(after=request.query_params.get("after", ""), limit=int(limit))
+        hub = self.hub
+        for mesh in meshes:
+            mesh.connected = mesh.mesh_id in hub.meshes
+        return json_response({"meshes": meshes, "next": meshes[-1].mesh_id if len(meshes) == int(limit) else None})
+
     async def _unregister(self, request: Request) -> Response:
         admin = self._is_admin(request)
         body: UnregisterBody = await read_json(request, UnregisterBody, timeout=self.settings.auth_timeout_s)
@@ -2763,12 +2842,15 @@ class Gateway:
 
     async def health(self, request: Request) -> Response:
         hub = self.hub
-        body: dict[str, Any] = {"ok": hub.healthy, "connected": len(hub.peers)}
+        ok = hub.healthy and not self.draining
+        body: dict[str, Any] = {"ok": ok, "connected": len(hub.peers)}
         if hub.mailboxes is not None:
             body["away"], body["queued"] = len(hub.mailboxes.readers), hub.mailboxes.queued
         if self.settings.redis_url:
             body["clusterConnected"] = len(hub.meshes) if hub.healthy else None
-        return json_response(body, 200 if hub.healthy else 503)
+        if self.draining:
+            body["draining"] = True
+        return json_response(body, 200 if ok else 503)
 
     # --- Endpoints: WebSocket ---
 
@@ -2790,10 +2872,13 @@ class Gateway:
         if extension:  # SIGTERM: the node confirms what it got before the 1012
             extension["on_shutdown"](lambda: hub.drain_soon(peer))
         peer.auth_deadline = asyncio.get_running_loop().call_later(self.settings.auth_timeout_s, self._auth_timeout, peer)
+        opened = time.monotonic()
+        ended: dict[str, Any] = {}
         try:
             while True:
                 message = await receive()
                 if message["type"] != "websocket.receive":  # websocket.disconnect
+                    ended = message
                     return
                 if peer.closing:
                     continue
@@ -2807,6 +2892,10 @@ class Gateway:
         finally:
             self.sockets -= 1
             self.pending -= peer.mesh_id is None
+            code = peer.goodbye.code if peer.goodbye is not None else ended.get("code", 1006)
+            who = peer.mesh_id or "(not authenticated)"
+            seconds = time.monotonic() - opened
+            log.info("%s disconnected: %d after %.1f s", who, code, seconds, extra=peer.context("disconnect", code))
             if peer.auth_deadline is not None:
                 peer.auth_deadline.cancel()
             if peer.writer is not None:
@@ -2839,7 +2928,7 @@ class Gateway:
             peer.auth_deadline.cancel()
         keys = (f"mesh:{frame.mesh_id}", f"ip:{peer.ip}")
         if wait_ms := self.failures.wait_ms(*keys):  # throttled: the secret is not even checked
-            log.info("auth refused for %r from %s: too many attempts", frame.mesh_id[:64], peer.ip)
+            log.info("auth refused for %r from %s: too many attempts", frame.mesh_id[:64], peer.ip, extra=peer.context("auth_refused", 1013))
             peer.send_frame(AuthError(message="Too many attempts", retry_after_ms=wait_ms))
             peer.close(CLOSE_TRY_AGAIN, "too many attempts")
             return
@@ -2862,7 +2951,7 @@ class Gateway:
         if peer.closing:
             return  # closed meanwhile (gateway shutting down)
         if mesh is None or not valid:
-            log.info("auth refused for %r from %s: invalid credentials", frame.mesh_id[:64], peer.ip)
+            log.info("auth refused for %r from %s: invalid credentials", frame.mesh_id[:64], peer.ip, extra=peer.context("auth_refused", 1008))
             self.failures.take(*keys)
             peer.send_frame(AuthError(message="Invalid credentials"))
             peer.close(CLOSE_POLICY, "invalid credentials")
@@ -2873,7 +2962,7 @@ class Gateway:
         peer.mesh_id, peer.name = mesh.mesh_id, mesh.name
         peer.participants, peer.public_rooms = frame.participants, frame.public_rooms
         await hub.attach(peer, AuthOk(mesh_id=mesh.mesh_id, name=mesh.name))
-        log.info("mesh %s connected", mesh.mesh_id)
+        log.info("mesh %s connected from %s", mesh.mesh_id, peer.ip, extra=peer.context("connect"))
 
     def _auth_timeout(self, peer: Peer) -> None:
         if peer.mesh_id is None and not peer.closing:
@@ -3023,16 +3112,148 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def main() -> None:
+VERSION = "0.3.0"
+DRAIN_S = 1.0  # on SIGTERM, /health answers 503 this long before the sockets close (load balancers move on)
+
+
+class StartupError(Exception):
+    """The gateway cannot start as configured: one line, exit code 1."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if "--version" in args:
+        sys.stdout.write(f"mesh-gateway {VERSION}\n")
+        return
+    if "--help" in args or "-h" in args:
+        sys.stdout.write(settings_help())
+        return
     try:
         settings = Settings.from_env()
-    except SettingsError as exc:
+        configure_logging(settings)
+        listener = preflight(settings)
+    except (SettingsError, StartupError) as exc:
         sys.exit(str(exc))
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     raise_file_limit()
     import uvicorn
 
-    uvicorn.run(create_app(settings), **uvicorn_options(settings))
+    gateway = Gateway(settings)
+    app = Starlette(routes=gateway.routes, lifespan=gateway.lifespan)
+    config = uvicorn.Config(app, **uvicorn_options(settings), log_config=None)  # our logging, one format
+    draining_server(gateway)(config).run(sockets=[listener])
+
+
+def preflight(settings: Settings) -> socket.socket:
+    """What would otherwise fail after a false start: the database, Redis, the address."""
+    if settings.redis_url:
+        check_redis(settings.redis_url)
+    else:
+        check_database(settings.db_path)
+    return listen(settings.host, settings.port)
+
+
+def check_database(path: str) -> None:
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=2)) as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("ROLLBACK")
+    except sqlite3.Error as exc:
+        raise StartupError(f"DB_PATH={path!r}: cannot open or write the database ({exc})") from None
+
+
+def check_redis(url: str) -> None:
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
+        client.ping()
+        client.close()
+    except ValueError as exc:
+        raise StartupError(f"invalid setting REDIS_URL={url!r}: {exc}") from None
+    except (redis.RedisError, OSError) as exc:
+        raise StartupError(f"REDIS_URL={url!r}: Redis did not answer within 3 s ({exc})") from None
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """Bind the listening socket now, so a bad HOST or a taken PORT stops start-up with one line."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        raise StartupError(f"cannot listen on HOST={host!r} PORT={port} ({exc})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def draining_server(gateway: Gateway) -> type[Any]:
+    """uvicorn's Server, but the first SIGTERM makes /health answer 503 ("draining") for DRAIN_S
+    before the usual shutdown (1012 to every socket) begins."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        drain_until: float | None = None
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.drain_until is None and not self.should_exit:
+                gateway.draining = True
+                self.drain_until = time.monotonic() + DRAIN_S
+                return
+            super().handle_exit(sig, frame)  # a second signal: now
+
+        async def on_tick(self, counter: int) -> bool:
+            if self.drain_until is not None and time.monotonic() >= self.drain_until:
+                return True
+            return await super().on_tick(counter)
+
+    return DrainingServer
+
+
+class JsonFormatter(logging.Formatter):
+    """LOG_FORMAT=json: one object a line, the context fields always present (null when unknown)."""
+
+    FIELDS = ("event", "mesh_id", "conn", "ip", "code")
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry |= {name: getattr(record, name, None) for name in self.FIELDS}
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return encoder.encode(entry).decode()
+
+
+def configure_logging(settings: Settings) -> None:
+    """`python gateway.py` only (an embedding host keeps its own config): one handler, one format,
+    for our lines and uvicorn's."""
+    handler = logging.StreamHandler()
+    if settings.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.formatter.converter = time.gmtime  # type: ignore[union-attr]
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(settings.log_level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers = []
+        logging.getLogger(name).propagate = True
+
+
+def settings_help() -> str:
+    """`python gateway.py --help`: every setting with its default."""
+    lines = [f"mesh-gateway {VERSION}: a federation relay for mesh chat nodes.", "", "Settings (environment):"]
+    for name, default in zip(Settings.__struct_fields__, Settings.__struct_defaults__):
+        shown = "unset" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+        lines.append(f"  {name.upper():<24} {shown}")
+    lines += ["", "Run: python gateway.py   Test: python -m pytest   Docs: README.md, PROTOCOL.md", ""]
+    return "\n".join(lines)
 
 
 def raise_file_limit() -> None:
@@ -3048,4 +3269,8 @@ def raise_file_limit() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the module's own copy, not this __main__ one: two copies would mean two Settings classes,
+    # two hubs' worth of module state, and hashing workers that import yet another.
+    import gateway
+
+    gateway.main()

@@ -2176,6 +2176,117 @@ async def test_registry_survives_sigkill_mid_write(tmp_path: Path) -> None:
         assert acknowledged <= set(meshes)
 
 
+# --- Operations: start-up that never lies, draining, admin listing, logs -------------
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"REDIS_URL": "notaurl"}, "REDIS_URL='notaurl'"),
+        ({"HOST": "999.1.1.1"}, "HOST='999.1.1.1'"),
+        ({"DB_PATH": "/nonexistent-folder/gateway.db"}, "DB_PATH='/nonexistent-folder/gateway.db'"),
+        ({"REDIS_URL": "redis://127.0.0.1:1/0"}, "Redis did not answer"),
+    ],
+)
+def test_bad_start_ups_stop_with_one_line_and_never_say_ready(tmp_path: Path, env: dict[str, str], needle: str) -> None:
+    full = os.environ | {"PORT": str(free_port()), "DB_PATH": str(tmp_path / "gateway.db")} | env
+    result = subprocess.run([sys.executable, str(HERE / "gateway.py")], env=full, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+    assert "ready" not in result.stderr + result.stdout
+
+
+def test_a_taken_port_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = os.environ | {"HOST": "127.0.0.1", "PORT": str(taken.getsockname()[1]), "DB_PATH": str(tmp_path / "g.db")}
+        result = subprocess.run([sys.executable, str(HERE / "gateway.py")], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and result.stderr.strip().startswith("cannot listen on HOST='127.0.0.1'")
+
+
+def test_version_and_help() -> None:
+    version = subprocess.run([sys.executable, str(HERE / "gateway.py"), "--version"], capture_output=True, text=True, timeout=30)
+    assert version.stdout.strip() == f"mesh-gateway {gw.VERSION}"
+    shown = subprocess.run([sys.executable, str(HERE / "gateway.py"), "--help"], capture_output=True, text=True, timeout=30).stdout
+    for name in Settings.__struct_fields__:
+        assert name.upper() in shown
+    assert "OFFLINE_TTL_S            86400" in shown
+
+
+def test_python_gateway_py_loads_the_module_once() -> None:
+    """`python gateway.py` runs the `gateway` module's main (imported once), not a second copy of
+    every class in `__main__`."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", str(HERE / "gateway.py"), "--version"], capture_output=True, text=True, timeout=30
+    )
+    assert result.stdout.strip() == f"mesh-gateway {gw.VERSION}"
+    imported = [line for line in result.stderr.splitlines() if line.rstrip().endswith("| gateway")]
+    assert len(imported) == 1
+
+
+async def test_sigterm_drains_health_before_closing(tmp_path: Path) -> None:
+    async with process(tmp_path) as (proc, addr):
+        async with httpx.AsyncClient(base_url=f"http://{addr}") as http:
+            g = Gw([addr], http)
+            async with g.stack:
+                a = await g.node("a")
+                proc.send_signal(signal.SIGTERM)
+                async with asyncio.timeout(TIMEOUT):  # a load balancer sees 503 before the 1012
+                    while (health := await http.get("/health")).status_code != 503:
+                        await asyncio.sleep(0.01)
+                assert health.json()["draining"] is True and health.json()["ok"] is False
+                assert (await a.closed()).code == 1012
+
+
+async def test_admin_lists_meshes(tmp_path: Path) -> None:
+    async with running(offline_settings(tmp_path, gateway_admin_token="tok")) as g:
+        admin = {"Authorization": "Bearer tok"}
+        for m in ("a", "b", "c"):
+            assert (await g.http.post("/register", json={"meshId": m, "secret": f"secret-{m}", "name": f"Mesh {m}"}, headers=admin)).status_code == 200
+        node = await g.connect()
+        await node.send(type="gateway_auth", meshId="a", secret="secret-a")
+        await node.expect("gateway_auth_ok")
+        assert (await g.http.get("/register")).status_code == 401
+        listed = (await g.http.get("/register", headers=admin)).json()
+        assert [m["meshId"] for m in listed["meshes"]] == ["a", "b", "c"] and listed["next"] is None
+        first = listed["meshes"][0]
+        assert first["connected"] is True and first["name"] == "Mesh a" and first["lastSeen"] and first["created"]
+        assert set(first) == {"meshId", "name", "created", "lastSeen", "kept", "connected"}  # never the hash
+        page = (await g.http.get("/register?limit=2", headers=admin)).json()
+        assert [m["meshId"] for m in page["meshes"]] == ["a", "b"] and page["next"] == "b"
+        rest = (await g.http.get("/register?after=b", headers=admin)).json()
+        assert [m["meshId"] for m in rest["meshes"]] == ["c"]
+
+
+async def test_json_logs_carry_the_context(tmp_path: Path) -> None:
+    async with process(tmp_path, LOG_FORMAT="json", RATE_LIMIT_PER_MIN="2") as (proc, addr):
+        async with httpx.AsyncClient(base_url=f"http://{addr}") as http:
+            g = Gw([addr], http)
+            async with g.stack:
+                a = await g.node("a")
+                for n in range(4):
+                    await a.send(type="gateway_broadcast", payload={"type": "m"}, id=f"x{n}")
+                await a.error("rate_limited", id="x2")
+                await a.error("rate_limited", id="x3")
+                bad = await g.connect()
+                await bad.send(type="gateway_auth", meshId="a", secret="wrong-wrong")
+                await bad.closed()
+                await a.ws.close()
+                await g.wait_connected(0)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+    lines = [json.loads(line) for line in (tmp_path / f"gateway-{addr.split(':')[1]}.log").read_text().splitlines()]
+    assert all({"ts", "level", "event", "mesh_id", "conn", "ip", "code"} <= set(line) for line in lines)
+    events = [line["event"] for line in lines]
+    assert "ready" in events and "connect" in events and "auth_refused" in events
+    assert events.count("rate_limited") == 1  # the first refusal of the burst, not every frame
+    gone = next(line for line in lines if line["event"] == "disconnect" and line["mesh_id"] == "a")
+    assert gone["code"] == 1000 and gone["ip"] == "127.0.0.1" and gone["message"].endswith(" s")  # and how long
+    assert any(line["logger"].startswith("uvicorn") for line in lines)  # one format for uvicorn's lines too
+
+
 # --- Scale-out: three processes, one Redis ---------------------------------------------
 
 
