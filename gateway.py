@@ -14,6 +14,8 @@ Settings -> Protocol -> Registry -> Hub -> Dispatcher -> Endpoints -> Assembly.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import collections
 import contextlib
 import functools
 import hashlib
@@ -502,6 +504,8 @@ class Mailboxes(Protocol):
     readers: set[str]  # the away meshes now: a broadcast is kept when one of them is not its sender
     queued: int  # frames kept, for /health
     refresh_s: float  # how often `refresh` runs
+    dropped: int  # frames dropped past the bounds, so far (metrics)
+    expired: int  # frames expired past OFFLINE_TTL_S, so far (metrics)
 
     def keep(self, sender: str, target: str | None, frame: bytes) -> asyncio.Future[int]:
         """Keep a relay for `target` if it is away, or a broadcast (target None) for every away mesh
@@ -647,6 +651,7 @@ class SqliteStore:
         self.readers: set[str] = set()  # event loop: the away meshes a broadcast is kept for
         self.queued = 0  # event loop: kept frames, as of the last batch
         self.refresh_s = min(self.CHECK_EVERY_S, self.ttl / 4)
+        self.dropped = self.expired = 0  # written by the writer thread, read by metrics
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -808,6 +813,10 @@ class SqliteStore:
 
     async def delete(self, mesh: Mesh) -> bool:
         return await self.call(self._delete, mesh)
+
+    @property
+    def registered(self) -> int:
+        return self._meshes
 
     async def listing(self, *, after: str, limit: int) -> list[MeshInfo]:
         return await self.call(self._listing, after, limit)
@@ -1014,7 +1023,8 @@ class SqliteStore:
         expired = [m for m, seen in self._seen.items() if seen <= now - self.ttl]
         for mesh_id in expired:
             self._discard(mesh_id)
-        if self._delete_rows("at < ?", (now - self.ttl,)):
+        if expired_rows := self._delete_rows("at < ?", (now - self.ttl,)):
+            self.expired += expired_rows
             self._count = {m: self._mailbox_size(m, cursor) for m, cursor in self._away.items()}
         self._collect()
         return expired
@@ -1055,6 +1065,7 @@ class SqliteStore:
             return
         self._away[mesh_id] = row[0]
         self._count[mesh_id] -= n
+        self.dropped += n
         self._delete_rows("target = ? AND seq <= ?", (mesh_id, row[0]))
         db.execute(
             "UPDATE meshes SET cursor = ?, dropped = dropped + ? WHERE mesh_id = ?", (row[0], n, mesh_id)
@@ -1149,6 +1160,51 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 ConfirmPing = Callable[[Callable[[], None]], bool]
 
 
+class Buckets:
+    """A histogram as plain counts (upper bounds in seconds); the metrics endpoint reads it."""
+
+    __slots__ = ("bounds", "counts", "total", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.total = 0
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        bucket = bisect.bisect_left(self.bounds, seconds)
+        if bucket < len(self.counts):
+            self.counts[bucket] += 1
+        self.total += 1
+        self.sum += seconds
+
+
+LATENCY_BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Stats:
+    """What the gateway counts, as plain numbers the hot path bumps (an add each, no lock, no
+    library); `METRICS_PORT` serves them in Prometheus' format, read at scrape time."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.closed: collections.Counter[int] = collections.Counter()  # by close code
+        self.refused: collections.Counter[str] = collections.Counter()  # handshakes, by reason
+        self.auth_ok = 0
+        self.auth_failed: collections.Counter[str] = collections.Counter()  # by reason
+        self.frames_in: collections.Counter[str] = collections.Counter()  # by type
+        self.frames_out: collections.Counter[str] = collections.Counter()  # by type
+        self.errors: collections.Counter[str] = collections.Counter()  # error frames, by code
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.rate_limited = 0
+        self.cut_off = 0
+        self.kept = 0  # offline: frames kept for away meshes (a broadcast once per mesh)
+        self.kept_delivered = 0  # offline: kept frames confirmed by their node
+        self.publish = Buckets(LATENCY_BOUNDS)  # Redis PUBLISH round trips
+        self.queue_wait = Buckets(LATENCY_BOUNDS)  # a frame's wait in its socket's queue
+
+
 class Peer:
     """One WebSocket connection: before auth a stranger, after it one mesh.
 
@@ -1168,11 +1224,13 @@ class Peer:
         "outbox", "queued", "limit", "closing", "goodbye", "dropping", "writer", "auth_deadline",
         "confirm", "tracking", "unconfirmed", "unconfirmed_bytes", "appended", "sending", "sending_at",
         "confirmed", "ping_at", "confirm_timer", "confirm_interval", "kept_seqs", "on_confirm",
-        "live", "backlog", "backlog_bytes", "held", "read_pos", "end", "spills", "space", "all_confirmed", "released", "updates", "limited", "greeted", "ip", "controls",
+        "live", "backlog", "backlog_bytes", "held", "read_pos", "end", "spills", "space", "all_confirmed", "released", "updates", "limited", "greeted", "ip", "controls", "stats", "queued_at",
     )  # fmt: skip
 
-    def __init__(self, send: Send, settings: Settings, confirm: ConfirmPing | None = None) -> None:
+    def __init__(self, send: Send, settings: Settings, confirm: ConfirmPing | None = None, stats: Stats | None = None) -> None:
         self.send_asgi = send
+        self.stats = stats or Stats()
+        self.queued_at = 0.0  # when the oldest frame in the outbox was queued
         self.mesh_id: str | None = None
         self.name = ""
         self.conn = os.urandom(8).hex()
@@ -1226,10 +1284,13 @@ class Peer:
         if self.closing:
             return False
         stopped = self.queued > self.limit or self.unconfirmed_bytes > 4 * self.limit  # before this frame:
+        if not self.outbox:
+            self.queued_at = time.monotonic()
         self.outbox.append(text)  # one big frame (a long discover answer) never cuts off a reader that reads
         self.queued += size
         self.appended += 1
         if stopped:
+            self.stats.cut_off += 1
             log.warning("mesh %s: send buffer full, cut off (1013)", self.mesh_id, extra=self.context("cut_off", 1013))
             self.close(CLOSE_TRY_AGAIN, "send buffer full", flush=False)
             return self.released  # this frame too is kept for its return (offline delivery), or lost
@@ -1237,6 +1298,10 @@ class Peer:
         return True
 
     def send_frame(self, frame: Frame) -> bool:
+        tag = frame.__struct_config__.tag
+        self.stats.frames_out[tag] += 1  # type: ignore[index]
+        if isinstance(frame, Error):
+            self.stats.errors[frame.code] += 1
         return self.send_bytes(encoder.encode(frame))
 
     def context(self, event: str, code: int | None = None) -> dict[str, Any]:
@@ -1340,6 +1405,7 @@ class Peer:
                 # Everything queued is in this batch: it stays counted until all of it is handed over.
                 batch, batch_bytes, self.outbox = self.outbox, self.queued, []
                 self.sending, self.sending_at = batch, 0
+                self.stats.queue_wait.observe(time.monotonic() - self.queued_at)  # the batch's oldest frame
                 for text in batch:
                     if self.dropping:
                         break
@@ -1352,6 +1418,7 @@ class Peer:
                     break
                 self.sending, self.sending_at = [], 0
                 self.queued -= batch_bytes
+                self.stats.bytes_out += batch_bytes
                 if self.tracking:
                     self._ask_soon()
                 else:
@@ -1399,6 +1466,7 @@ class Peer:
             seq = self.kept_seqs.popleft()[1]
             count += 1
         if seq and self.on_confirm is not None:
+            self.stats.kept_delivered += count
             self.on_confirm(self, seq, count)
         if not self.unconfirmed:
             self.all_confirmed.set()
@@ -1433,8 +1501,11 @@ class Hub:
 
     CATCH_UP_ROWS = 256  # kept frames read per database round trip (in memory meanwhile, per returning mesh)
 
-    def __init__(self, settings: Settings, backplane: Backplane, mailboxes: Mailboxes | None = None) -> None:
+    def __init__(
+        self, settings: Settings, backplane: Backplane, mailboxes: Mailboxes | None = None, stats: Stats | None = None
+    ) -> None:
         self.settings = settings
+        self.stats = stats or Stats()
         self.backplane = backplane
         self.mailboxes = mailboxes if settings.offline_ttl_s > 0 else None
         self.node = backplane.node
@@ -1676,6 +1747,7 @@ class Hub:
             answer_relay(sender, target, frame_id, 0)
             return
         kept = self.mailboxes.keep(sender.mesh_id or "", target, data)
+        kept.add_done_callback(self._count_kept)
         kept.add_done_callback(lambda done: answer_relay(sender, target, frame_id, 0, queued=stored(done)))
 
     def broadcast(self, sender: Peer, payload: Any, frame_id: str | None) -> None:
@@ -1692,23 +1764,32 @@ class Hub:
         readers = self.mailboxes.readers if self.mailboxes is not None else ()
         if readers and (len(readers) > 1 or mesh_id not in readers):
             answers.append(self.mailboxes.keep(mesh_id, None, data))  # type: ignore[union-attr]
+            answers[-1].add_done_callback(self._count_kept)
         done = asyncio.gather(*answers, return_exceptions=True)
         done.add_done_callback(lambda results: answer_broadcast(sender, frame_id, delivered, results.result()))
+
+    def _count_kept(self, kept: asyncio.Future[int]) -> None:
+        self.stats.kept += stored(kept) or 0
 
     def deliver(self, mesh_id: str, data: bytes) -> bool:
         """A live frame for a mesh on this process (False: not here, or closing)."""
         peer = self.peers.get(mesh_id)
         if peer is None or not peer.deliver(data.decode(), len(data)):
             return False
+        self.stats.frames_out["gateway_incoming"] += 1
         if peer.backlog_bytes > peer.limit // 2:
             self._spill(peer)
         return True
 
     def fan_out(self, sender: str, data: bytes) -> None:
         text, size = data.decode(), len(data)
+        receivers = 0
         for peer in list(self.peers.values()):
-            if peer.mesh_id != sender and peer.deliver(text, size) and peer.backlog_bytes > peer.limit // 2:
-                self._spill(peer)
+            if peer.mesh_id != sender and peer.deliver(text, size):
+                receivers += 1
+                if peer.backlog_bytes > peer.limit // 2:
+                    self._spill(peer)
+        self.stats.frames_out["gateway_incoming"] += receivers
 
     def instances(self) -> list[Instance]:
         """Every connected mesh; only this process's while the backplane is down."""
@@ -2004,6 +2085,7 @@ class RedisBackplane:
         self.key = KEY_PRESENCE + self.node
         self.withdraw_script = self.redis.register_script(WITHDRAW_LUA)
         self.hub: Hub | None = None
+        self.stats = Stats()  # the hub's, from start()
         self.task: asyncio.Task[None] | None = None
         self._outgoing: list[tuple[str, bytes, asyncio.Future[int]]] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -2011,6 +2093,7 @@ class RedisBackplane:
 
     async def start(self, hub: Hub) -> None:
         self.hub = hub
+        self.stats = hub.stats
         self.task = asyncio.create_task(self._run())
         self.task.add_done_callback(self._died)
         with contextlib.suppress(TimeoutError):  # serve anyway: /health says 503 until Redis answers
@@ -2083,8 +2166,10 @@ class RedisBackplane:
                 pipe = self.redis.pipeline(transaction=False)
                 for channel, data, _ in batch:
                     pipe.publish(channel, data)
+                started = time.monotonic()
                 try:
                     results = await pipe.execute()
+                    self.stats.publish.observe(time.monotonic() - started)
                 except self.errors as exc:
                     log.warning("backplane publish failed: %r", exc)
                     results = [BackplaneUnavailable()] * len(batch)
@@ -2362,6 +2447,7 @@ class RedisMailboxes:
         self.append_script = self.redis.register_script(APPEND_LUA)
         self.lost_script = self.redis.register_script(LOST_LUA)
         self.refresh_s = min(1.0, self.ttl / 4)
+        self.dropped = self.expired = 0
 
     def _future(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
         return asyncio.ensure_future(coroutine)
@@ -2387,6 +2473,7 @@ class RedisMailboxes:
         cursor, end, count, dropped = await self._call(self.arrive_script(keys=MAILBOX_KEYS, args=[mesh_id, time.time()]))
         skip = max(0, count - self.max_messages)  # past OFFLINE_MAX_MESSAGES the oldest go
         if skip:
+            self.dropped += skip
             log.warning("mesh %s: mailbox full, dropped its %d oldest kept frames", mesh_id, skip)
             skipped = await self._read(mesh_id, cursor, end, skip)
             cursor = skipped[-1][0] if skipped else cursor
@@ -2532,6 +2619,7 @@ def admit(peer: Peer, frame_id: str | None, bucket: TokenBucket) -> bool:
     if not wait_ms:
         peer.limited = False
         return True
+    peer.stats.rate_limited += 1
     if not peer.limited:
         peer.limited = True
         log.warning("mesh %s: rate limited (retry after %d ms)", peer.mesh_id, wait_ms, extra=peer.context("rate_limited"))
@@ -2648,6 +2736,87 @@ async def refuse(scope: Mapping[str, Any], send: Send, status: int) -> None:
     await send({"type": "websocket.http.response.body", "body": body})
 
 
+def serve_metrics(gateway: Gateway, registry: Registry, host: str, port: int) -> Callable[[], None]:
+    """Prometheus metrics on their own listener (never on the public port); returns its stop."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    metrics = CollectorRegistry(auto_describe=True)
+    metrics.register(GatewayCollector(gateway, registry))
+    server, thread = start_http_server(port, addr=host, registry=metrics)
+    log.info("metrics on http://%s:%d/metrics", host, port)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=2)
+
+    return stop
+
+
+class GatewayCollector:
+    """Reads Stats (and the hub) at scrape time: the relay path only ever adds to plain numbers.
+    Runs in the metrics server's thread; it reads numbers the event loop writes (a scrape may be
+    a frame behind, never torn)."""
+
+    def __init__(self, gateway: Gateway, registry: Registry) -> None:
+        self.gateway = gateway
+        self.registry = registry
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        stats, hub = self.gateway.stats, self.gateway._hub
+        prefix = "mesh_gateway_"
+
+        def counter(name: str, doc: str, value: float | collections.Counter[Any] | None = None, label: str = "") -> Any:
+            family = CounterMetricFamily(prefix + name, doc, labels=[label] if label else None)
+            for key, count in sorted(value.items()) if isinstance(value, collections.Counter) else [("", value)]:
+                family.add_metric([str(key)] if label else [], count or 0)
+            return family
+
+        def gauge(name: str, doc: str, value: float) -> Any:
+            return GaugeMetricFamily(prefix + name, doc, value=value)
+
+        yield gauge("connections_open", "WebSockets open now", self.gateway.sockets)
+        yield counter("connections_accepted", "WebSockets accepted", stats.accepted)
+        yield counter("connections_closed", "WebSockets closed, by close code", stats.closed, "code")
+        yield counter("connections_refused", "WebSocket handshakes refused (503), by reason", stats.refused, "reason")
+        yield counter("auth_ok", "successful authentications", stats.auth_ok)
+        yield counter("auth_failed", "refused authentications, by reason", stats.auth_failed, "reason")
+        yield counter("frames_in", "frames received, by type", stats.frames_in, "type")
+        yield counter("frames_out", "frames sent, by type", stats.frames_out, "type")
+        yield counter("errors", "error frames sent, by code", stats.errors, "code")
+        yield counter("bytes_in", "message bytes received", stats.bytes_in)
+        yield counter("bytes_out", "message bytes handed to the server", stats.bytes_out)
+        yield counter("rate_limited", "frames refused by a rate limit", stats.rate_limited)
+        yield counter("cut_offs", "sockets cut off (1013) for not reading", stats.cut_off)
+        yield gauge("meshes_connected", "meshes connected to this process", len(hub.peers) if hub else 0)
+        registered = getattr(self.registry, "registered", None)
+        if registered is not None:
+            yield gauge("meshes_registered", "meshes registered", registered)
+        if hub is not None and hub.mailboxes is not None:
+            yield gauge("meshes_away", "meshes away (frames are kept for them)", len(hub.mailboxes.readers))
+            yield gauge("offline_queued", "frames kept for away meshes now", hub.mailboxes.queued)
+            yield counter("offline_kept", "frames kept for away meshes (once per mesh)", stats.kept)
+            yield counter("offline_delivered", "kept frames confirmed by their node", stats.kept_delivered)
+            yield counter("offline_dropped", "kept frames dropped past the bounds", hub.mailboxes.dropped)
+            yield counter("offline_expired", "kept frames expired (OFFLINE_TTL_S)", hub.mailboxes.expired)
+        yield gauge("backplane_up", "1 if this process can serve (its Redis answers)", 1 if hub and hub.healthy else 0)
+        yield histogram(prefix + "redis_publish_seconds", "Redis PUBLISH round trips", stats.publish)
+        yield histogram(prefix + "queue_wait_seconds", "how long a frame waits in its socket's queue", stats.queue_wait)
+
+
+def histogram(name: str, doc: str, buckets: Buckets) -> Any:
+    from prometheus_client.core import HistogramMetricFamily
+
+    cumulative, running = [], 0
+    for bound, count in zip(buckets.bounds, buckets.counts):
+        running += count
+        cumulative.append((str(bound), running))
+    cumulative.append(("+Inf", buckets.total))
+    return HistogramMetricFamily(name, doc, buckets=cumulative, sum_value=buckets.sum)
+
+
 def startup_summary(settings: Settings, where: str, offline: str, backplane_up: bool) -> str:
     """One line at warning level (never silenced by LOG_LEVEL) saying how this gateway runs."""
     loopback = settings.host in ("127.0.0.1", "::1", "localhost")
@@ -2681,6 +2850,7 @@ class Gateway:
         self.failures = Throttle(self.settings.auth_failures_per_min)  # failed auths, per meshId and per IP
         self.registrations = Throttle(self.settings.register_per_min)  # registrations, per IP
         self.draining = False  # SIGTERM came: /health answers 503 so load balancers move on
+        self.stats = Stats()
         self.sockets = 0  # WebSockets open (MAX_CONNECTIONS)
         self.pending = 0  # of which not yet authenticated (MAX_PENDING_AUTH)
 
@@ -2705,11 +2875,13 @@ class Gateway:
                 await store.import_file(settings.registry_path)
                 backplane, registry, mailboxes = MemoryBackplane(), store, store
                 where = settings.db_path
-            hub = Hub(settings, backplane, mailboxes)
+            hub = Hub(settings, backplane, mailboxes, self.stats)
             stack.push_async_callback(backplane.stop)
             await backplane.start(hub)
             refresher = asyncio.create_task(hub.refresh_forever())
             stack.callback(refresher.cancel)
+            if settings.metrics_port is not None:
+                stack.callback(serve_metrics(self, registry, settings.host, settings.metrics_port))
             self._hub, self._registry, self._hasher = hub, registry, hasher
             stack.callback(self._stopped)
             stack.push_async_callback(hub.close_all, CLOSE_RESTART, "service restart")
@@ -2861,13 +3033,15 @@ class Gateway:
             return
         if self.sockets >= self.settings.max_connections or self.pending >= self.settings.max_pending_auth:
             log.warning("handshake refused: %d sockets, %d not authenticated", self.sockets, self.pending)
+            self.stats.refused["capacity"] += 1
             await refuse(scope, send, 503)  # before any per-socket state exists
             return
         self.sockets += 1
         self.pending += 1
+        self.stats.accepted += 1
         await send({"type": "websocket.accept"})
         extension = scope.get("extensions", {}).get(SOCKET_EXTENSION)
-        peer = Peer(send, self.settings, extension["ping"] if extension else None)
+        peer = Peer(send, self.settings, extension["ping"] if extension else None, self.stats)
         peer.ip, peer.controls = client_ip(scope), extension
         if extension:  # SIGTERM: the node confirms what it got before the 1012
             extension["on_shutdown"](lambda: hub.drain_soon(peer))
@@ -2896,6 +3070,7 @@ class Gateway:
             who = peer.mesh_id or "(not authenticated)"
             seconds = time.monotonic() - opened
             log.info("%s disconnected: %d after %.1f s", who, code, seconds, extra=peer.context("disconnect", code))
+            self.stats.closed[code] += 1
             if peer.auth_deadline is not None:
                 peer.auth_deadline.cancel()
             if peer.writer is not None:
@@ -2905,6 +3080,7 @@ class Gateway:
     async def _handle(self, peer: Peer, data: str | bytes, hub: Hub) -> None:
         """Size-check and decode one message, then authenticate or dispatch it."""
         size = utf8_size(data) if isinstance(data, str) else len(data)
+        self.stats.bytes_in += size
         if size > self.settings.max_frame_bytes:
             hard_cap = self.settings.ws_max_bytes if peer.mesh_id is not None else PRE_AUTH_MAX_BYTES
             if size > hard_cap:  # only reached when the server allows more (under a host's own server)
@@ -2914,6 +3090,7 @@ class Gateway:
             peer.send_frame(Error(message=message, code=FRAME_TOO_LARGE, id=frame_id_of(read_head(data))))
             return
         frame = decode_frame(data, self.decoder)
+        self.stats.frames_in[frame.__struct_config__.tag if not isinstance(frame, Error) else "invalid"] += 1  # type: ignore[index]
         if isinstance(frame, Error):
             peer.send_frame(frame)
         elif peer.mesh_id is not None:
@@ -2929,6 +3106,7 @@ class Gateway:
         keys = (f"mesh:{frame.mesh_id}", f"ip:{peer.ip}")
         if wait_ms := self.failures.wait_ms(*keys):  # throttled: the secret is not even checked
             log.info("auth refused for %r from %s: too many attempts", frame.mesh_id[:64], peer.ip, extra=peer.context("auth_refused", 1013))
+            self.stats.auth_failed["throttled"] += 1
             peer.send_frame(AuthError(message="Too many attempts", retry_after_ms=wait_ms))
             peer.close(CLOSE_TRY_AGAIN, "too many attempts")
             return
@@ -2945,6 +3123,7 @@ class Gateway:
                 except OSError as exc:  # the old hash still works; the upgrade is retried next auth
                     log.error("mesh %s: secret hash upgrade not saved: %s", mesh.mesh_id, exc)
         except BackplaneUnavailable:  # no secret can be checked: send the node elsewhere
+            self.stats.auth_failed["service_unavailable"] += 1
             peer.send_frame(AuthError(message="Service unavailable"))
             peer.close(CLOSE_TRY_AGAIN, "service unavailable")
             return
@@ -2953,10 +3132,12 @@ class Gateway:
         if mesh is None or not valid:
             log.info("auth refused for %r from %s: invalid credentials", frame.mesh_id[:64], peer.ip, extra=peer.context("auth_refused", 1008))
             self.failures.take(*keys)
+            self.stats.auth_failed["invalid_credentials"] += 1
             peer.send_frame(AuthError(message="Invalid credentials"))
             peer.close(CLOSE_POLICY, "invalid credentials")
             return
         self.pending -= 1
+        self.stats.auth_ok += 1
         if peer.controls is not None:
             peer.controls["authenticated"]()  # its messages may now be up to WS_MAX_BYTES
         peer.mesh_id, peer.name = mesh.mesh_id, mesh.name
@@ -2966,6 +3147,7 @@ class Gateway:
 
     def _auth_timeout(self, peer: Peer) -> None:
         if peer.mesh_id is None and not peer.closing:
+            self.stats.auth_failed["timeout"] += 1
             peer.send_frame(AuthError(message="Auth timeout"))
             peer.close(CLOSE_POLICY, "auth timeout")
             if peer.controls is not None:  # it may not read its close: the socket goes anyway

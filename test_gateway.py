@@ -2287,6 +2287,50 @@ async def test_json_logs_carry_the_context(tmp_path: Path) -> None:
     assert any(line["logger"].startswith("uvicorn") for line in lines)  # one format for uvicorn's lines too
 
 
+def scrape(text: str) -> dict[str, float]:
+    """Prometheus text format -> {'name{labels}': value}."""
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+async def test_metrics_move_and_stay_off_the_public_port(tmp_path: Path) -> None:
+    metrics_port = free_port()
+    async with process(tmp_path, METRICS_PORT=str(metrics_port), OFFLINE_MAX_MESSAGES="2") as (proc, addr):
+        async with httpx.AsyncClient(base_url=f"http://{addr}") as http:
+            g = Gw([addr], http)
+            async with g.stack:
+                before = scrape((await http.get(f"http://127.0.0.1:{metrics_port}/metrics")).text)
+                assert (await http.get("/metrics")).status_code == 404  # the public port keeps its three routes
+                a, b = await g.node("a"), await g.node("b")
+                await relay_all(a, "b", range(3), delivered=1)
+                await a.send(type="gateway_relay", targetMeshId="nobody", payload={"type": "m"}, id="x")
+                await a.error("target_offline")
+                await away(g, "c")
+                await relay_all(a, "c", range(3), queued=1)  # one dropped past OFFLINE_MAX_MESSAGES
+                bad = await g.connect()
+                await bad.send(type="gateway_auth", meshId="a", secret="wrong-wrong")
+                await bad.closed()
+                await g.wait_connected(2)
+                after = scrape((await http.get(f"http://127.0.0.1:{metrics_port}/metrics")).text)
+    moved = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    assert moved['mesh_gateway_frames_in_total{type="gateway_relay"}'] == 7
+    assert moved['mesh_gateway_frames_out_total{type="gateway_incoming"}'] == 3
+    assert moved['mesh_gateway_errors_total{code="target_offline"}'] == 1
+    assert moved['mesh_gateway_auth_failed_total{reason="invalid_credentials"}'] == 1
+    assert moved["mesh_gateway_auth_ok_total"] == 3
+    assert moved['mesh_gateway_connections_closed_total{code="1008"}'] == 1
+    assert after["mesh_gateway_connections_open"] == 2 and after["mesh_gateway_meshes_connected"] == 2
+    assert after["mesh_gateway_meshes_away"] == 1 and after["mesh_gateway_offline_queued"] == 2
+    assert moved["mesh_gateway_offline_kept_total"] == 3 and moved["mesh_gateway_offline_dropped_total"] == 1
+    assert after["mesh_gateway_meshes_registered"] == 3 and after["mesh_gateway_backplane_up"] == 1
+    assert moved["mesh_gateway_bytes_in_total"] > 0 and moved["mesh_gateway_bytes_out_total"] > 0
+    assert moved["mesh_gateway_queue_wait_seconds_count"] > 0
+
+
 # --- Scale-out: three processes, one Redis ---------------------------------------------
 
 

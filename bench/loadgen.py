@@ -728,42 +728,54 @@ class LegitRole(WatcherRole):
 
 
 class ProbeRole(Role):
-    """Legit meshes authenticating one after another: each sample is connect + upgrade + gateway_auth
-    until gateway_auth_ok; the mesh then leaves. One starts every `interval_s` (or when the last is done)."""
+    """Legit meshes authenticating, one starting every `interval_s` whatever the others do (open loop:
+    a slow answer does not delay the next probe, so it cannot hide a stall): each sample is connect +
+    upgrade + gateway_auth until gateway_auth_ok; the mesh then leaves. `starts` are the probes' start
+    times (monotonic), in order, with `samples` (ns) in the same order; a failed probe has no sample."""
 
     async def setup(self) -> None:
         self.meshes = [Mesh(m, self.stats) for m in self.job["meshes"]]
+        self.starts: list[float] = []
+        self.failed = 0
 
     def go(self) -> None:
         super().go()
         self.task = asyncio.get_running_loop().create_task(self.probe())
 
     async def probe(self) -> None:
-        interval, timeout = float(self.job.get("interval_s", 0)), float(self.job.get("connect_timeout_s", 30))
+        interval = float(self.job.get("interval_s", 0))
         start = time.monotonic()
-        self.failed = 0
+        tasks = []
         for i, mesh in enumerate(self.meshes):
-            sent = time.monotonic_ns()
-            try:
-                await mesh.connect(self.host, self.port, deflate=False, timeout=timeout)
-            except (OSError, ConnectionError, TimeoutError) as exc:  # 503, reset, auth error: all failures here
-                self.failed += 1
-                self.stats.error(f"{mesh.id}: legit connect/auth failed: {exc!r}")
-            else:
-                self.record(sent)
-            try:
-                await mesh.leave()
-            except TimeoutError:
-                self.stats.error(f"{mesh.id}: not closed within 10 s")
-            await asyncio.sleep(max(0.0, start + (i + 1) * interval - time.monotonic()))
+            await asyncio.sleep(max(0.0, start + i * interval - time.monotonic()))
+            tasks.append(asyncio.get_running_loop().create_task(self.one(mesh)))
+        await asyncio.gather(*tasks)
+        pairs = sorted(zip(self.starts, self.samples))  # in start order
+        self.starts, self.samples = [t for t, _ in pairs], [n for _, n in pairs]
         self.done_t = time.monotonic()
         emit({"event": "done"})
+
+    async def one(self, mesh: Mesh) -> None:
+        timeout = float(self.job.get("connect_timeout_s", 30))
+        t0, sent = time.monotonic(), time.monotonic_ns()
+        try:
+            await mesh.connect(self.host, self.port, deflate=False, timeout=timeout)
+        except (OSError, ConnectionError, TimeoutError) as exc:  # 503, reset, auth error: all failures here
+            self.failed += 1
+            self.stats.error(f"{mesh.id}: legit connect/auth failed: {exc!r}")
+        else:
+            self.record(sent)
+            self.starts.append(t0)
+        try:
+            await mesh.leave()
+        except TimeoutError:
+            self.stats.error(f"{mesh.id}: not closed within 10 s")
 
     async def finish(self) -> dict[str, Any]:
         if not self.task.done():
             self.task.cancel()
             return {"failed": len(self.meshes) - self.count, "unfinished": True}
-        return {"failed": self.failed, "done_t": self.done_t}
+        return {"failed": self.failed, "done_t": self.done_t, "starts": self.starts}
 
 
 class GuessRole(Role):
@@ -786,6 +798,7 @@ class GuessRole(Role):
         self.statuses: dict[str, int] = {}
         self.attempts = 0
         self.first_throttled_s = 0.0  # when the first "Too many attempts" came, from `go`
+        self.timeline: dict[int, list[int]] = {}  # 100 ms bucket since `go` -> [checked, throttled]
 
     def go(self) -> None:
         super().go()
@@ -830,9 +843,11 @@ class GuessRole(Role):
                 data = await answer
             if b"Invalid credentials" in data:
                 outcome = "checked"
+                self.timeline.setdefault(int((time.monotonic() - self.mark_t) * 10), [0, 0])[0] += 1
             elif b"Too many attempts" in data:
                 outcome = "throttled"
                 self.first_throttled_s = self.first_throttled_s or time.monotonic() - self.mark_t
+                self.timeline.setdefault(int((time.monotonic() - self.mark_t) * 10), [0, 0])[1] += 1
             else:
                 self.stats.error(f"guess for {target}: unexpected answer {data[:120]!r}")
         except UpgradeRefused as exc:
@@ -849,8 +864,9 @@ class GuessRole(Role):
     async def finish(self) -> dict[str, Any]:
         if not self.task.done():
             self.task.cancel()
+        timeline = [self.timeline.get(i, [0, 0]) for i in range(max(self.timeline, default=-1) + 1)]
         return {"attempts": self.attempts, "first_throttled_s": self.first_throttled_s,
-                "refused_status": self.statuses, **self.outcomes}  # fmt: skip
+                "refused_status": self.statuses, "timeline": timeline, **self.outcomes}  # fmt: skip
 
 
 def client_frame(fin: bool, opcode: int, payload: bytes, *, length: int | None = None) -> tuple[bytes, bytes]:

@@ -83,7 +83,8 @@ SIDES: dict[str, tuple[Side, ...]] = {
     # Limits against abuse: each against the same load without what it adds, same run.
     "storm-participants": (Side("no-participants", "gateway", {"participants": False}),
                            Side("participants", "gateway", {"participants": True})),
-    "guess-flood": (Side("quiet", "gateway-limits", {"flood": False}), Side("flood", "gateway-limits", {"flood": True})),
+    "guess-flood": (Side("quiet", "gateway-limits", {"flood": ""}), Side("flood", "gateway-limits", {"flood": "paced"}),
+                    Side("flood-max", "gateway-limits", {"flood": "max"})),
     "preauth-memory": (Side("quiet", "gateway", {"attack": False}), Side("attack", "gateway", {"attack": True})),
 }  # fmt: skip
 

@@ -56,10 +56,10 @@ class Scale:
     # Limits against abuse:
     storm_participants: int = 2_000  # `storm-participants`: meshes in the storm, with and without participants
     participants: int = 3  # ... each bringing this many in its gateway_auth
-    probes: int = 200  # `guess-flood`: legit authentications, one after another
-    probe_interval_s: float = 0.025  # ... one starting every this often (5 s for 200)
-    flood_rate: float = 600.0  # TEMP
-    flood_concurrency: int = 256  # attempts in flight at most (below MAX_PENDING_AUTH, 1,000)
+    probes: int = 200  # `guess-flood`: legit authentications ...
+    probe_interval_s: float = 0.025  # ... one starting every this often, whatever the others do (5 s for 200)
+    flood_rate: float = 300.0  # `flood`: wrong-secret attempts a second (`flood-max`: as fast as answered, ...
+    flood_concurrency: int = 256  # ... with this many in flight; below MAX_PENDING_AUTH, 1,000)
     flood_targets: int = 100  # registered meshes the guesses are for (none of them a probe's)
     flood_ips: int = 4_096  # distinct X-Forwarded-For addresses they come "from"
     flood_lead_s: float = 0.5  # the flood runs this long before the first probe
@@ -606,13 +606,16 @@ def counted(values: dict[str, int]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(values.items())) or "none"
 
 
-async def guess_flood(spec: Spec, ctx: Context, *, flood: bool = False) -> Outcome:
-    """Legit authentications one after another (`probes`, each connect + upgrade + gateway_auth until
-    gateway_auth_ok, from 127.0.0.1), alone or during a flood of wrong-secret gateway_auth attempts for
-    `flood_targets` other registered meshes, each "from" one of `flood_ips` addresses (X-Forwarded-For,
-    believed from 127.0.0.1 by default). The gateway runs with the production AUTH_FAILURES_PER_MIN and
-    MAX_PENDING_AUTH (run.py's `gateway-limits`). Reports the legit auth latency, and how many
-    guesses a second the gateway checked and how many it turned away unchecked ("Too many attempts")."""
+async def guess_flood(spec: Spec, ctx: Context, *, flood: str = "") -> Outcome:
+    """Legit authentications (`probes`, one starting every `probe_interval_s`: connect + upgrade +
+    gateway_auth until gateway_auth_ok, from 127.0.0.1) alone, or during a flood of wrong-secret
+    gateway_auth attempts for `flood_targets` other registered meshes, each "from" one of `flood_ips`
+    addresses (X-Forwarded-For, believed from 127.0.0.1 by default): `flood="paced"` at `flood_rate`
+    a second, `"max"` as fast as the gateway answers `flood_concurrency` at a time. The gateway runs
+    with the production AUTH_FAILURES_PER_MIN and MAX_PENDING_AUTH (run.py's `gateway-limits`).
+    Reports the legit auth latency (also split: probes started before the first "Too many attempts",
+    while every guess was checked, and after), and how many guesses a second the gateway checked
+    and how many it turned away unchecked."""
     s = ctx.scale
     universe = s.universe
     probes, targets = universe[: s.probes], universe[-s.flood_targets :]
@@ -623,8 +626,9 @@ async def guess_flood(spec: Spec, ctx: Context, *, flood: bool = False) -> Outco
     ):
         await prober.start([job("probe", server, ctx, meshes=probes, interval_s=s.probe_interval_s)])
         if flood:  # niced, like the storm: the probes' own process must not be what is slow
-            params = {"targets": targets, "ips": s.flood_ips, "rate": s.flood_rate,
-                      "concurrency": s.flood_concurrency, "nice": 5}  # fmt: skip
+            rate = s.flood_rate if flood == "paced" else 0.0
+            params = {"targets": targets, "ips": s.flood_ips, "rate": rate, "concurrency": s.flood_concurrency,
+                      "nice": 5}  # fmt: skip
             await flooder.start([job("guess", server, ctx, **params)])
         meter = Meter(server)
         if flood:
@@ -635,7 +639,8 @@ async def guess_flood(spec: Spec, ctx: Context, *, flood: bool = False) -> Outco
         meter.stop()
         results = await prober.results()
         guessed = (await flooder.results())[0] if flood else None
-    samples = sorted(results[0]["samples"])
+    probe = results[0]
+    samples = sorted(probe["samples"])
     metrics = {
         "p50_ms": percentile(samples, 50), "p99_ms": percentile(samples, 99), "max_ms": percentile(samples, 100),
         "probes": len(samples),
@@ -644,6 +649,11 @@ async def guess_flood(spec: Spec, ctx: Context, *, flood: bool = False) -> Outco
     if guessed is not None:
         window = guessed["window_s"]
         answered = guessed["checked"] + guessed["throttled"]
+        throttling_from = guessed["mark_t"] + guessed["first_throttled_s"] if guessed["first_throttled_s"] else 1e18
+        checking = sorted(n for t, n in zip(probe["starts"], probe["samples"]) if t < throttling_from)
+        throttling = sorted(n for t, n in zip(probe["starts"], probe["samples"]) if t >= throttling_from)
+        bucket = int(guessed["first_throttled_s"] * 10) if guessed["first_throttled_s"] else len(guessed["timeline"])
+        steady = guessed["timeline"][bucket + 1 :]  # whole 100 ms buckets after the first throttled answer
         metrics |= {
             "attempts_per_s": sum(guessed[k] for k in ("checked", "throttled", "refused", "unanswered", "other"))
             / window,
@@ -653,7 +663,12 @@ async def guess_flood(spec: Spec, ctx: Context, *, flood: bool = False) -> Outco
             "checked": guessed["checked"], "throttled": guessed["throttled"],
             "refused": guessed["refused"], "unanswered": guessed["unanswered"],
             "first_throttled_ms": guessed["first_throttled_s"] * 1000,
+            # once the throttle holds: what is still checked (the buckets' refill) and turned away, per second
+            "steady_checked_per_s": sum(c for c, _ in steady) / (len(steady) / 10) if steady else float("nan"),
+            "steady_throttled_per_s": sum(t for _, t in steady) / (len(steady) / 10) if steady else float("nan"),
             "flood_s": window,
+            "p99_checking_ms": percentile(checking, 99), "probes_checking": len(checking),
+            "p99_throttling_ms": percentile(throttling, 99), "probes_throttling": len(throttling),
         }  # fmt: skip
         if guessed["refused"]:
             errors.append(f"{guessed['refused']} guesses refused at the upgrade ({counted(guessed['refused_status'])})")
