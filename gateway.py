@@ -1439,11 +1439,11 @@ class Peer:
         if not self.unconfirmed or self.ping_at >= 0 or self.closing:
             return
         if self.unconfirmed_bytes > self.limit // 4:
-            self._ask()
+            self.ask_confirmation()
         elif self.confirm_timer is None:
-            self.confirm_timer = asyncio.get_running_loop().call_later(self.confirm_interval, self._ask)
+            self.confirm_timer = asyncio.get_running_loop().call_later(self.confirm_interval, self.ask_confirmation)
 
-    def _ask(self) -> None:
+    def ask_confirmation(self) -> None:
         self.confirm_timer = None
         if self.closing or self.ping_at >= 0 or not self.unconfirmed or self.confirm is None:
             return
@@ -1564,6 +1564,7 @@ class Hub:
         for frame in participants_frames(groups):  # bounded frames, at the socket's pace
             await peer.has_space()
             peer.send_bytes(frame)
+            self.stats.frames_out["gateway_participants"] += 1
         if kept is not None:
             await self._catch_up(peer, inline=True)
         elif not peer.closing:
@@ -1659,7 +1660,7 @@ class Hub:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2):
                     peer.all_confirmed.clear()
-                    peer._ask()
+                    peer.ask_confirmation()
                     await peer.all_confirmed.wait()
         if self.mailboxes is not None and peer.mesh_id is not None and self.peers.get(peer.mesh_id) is peer:
             del self.peers[peer.mesh_id]
@@ -1871,6 +1872,7 @@ class Hub:
                 continue
             for frame in news if news is shared else participants_frames(news):
                 peer.send_bytes(frame)
+                self.stats.frames_out["gateway_participants"] += 1
 
     async def close_all(self, code: int, reason: str) -> None:
         """Close every socket, wait (briefly) for the closes and the cluster to hear of them."""
@@ -2448,6 +2450,7 @@ class RedisMailboxes:
         self.lost_script = self.redis.register_script(LOST_LUA)
         self.refresh_s = min(1.0, self.ttl / 4)
         self.dropped = self.expired = 0
+        self.seen_written = 0.0
 
     def _future(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
         return asyncio.ensure_future(coroutine)
@@ -2543,8 +2546,9 @@ class RedisMailboxes:
         """Live meshes seen now; meshes away past the TTL expire; frames no one reads go."""
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
-        if live:
+        if live and now - self.seen_written >= SqliteStore.CHECK_EVERY_S:  # last-seen needs no finer grain
             pipe.hset(KEY_SEEN, mapping={m: now for m in live})
+            self.seen_written = now
         pipe.hgetall(KEY_AWAY)
         pipe.hgetall(KEY_SEEN)
         pipe.hvals(KEY_CATCHING)
