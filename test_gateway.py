@@ -839,9 +839,9 @@ def normalize(frame: Any, names: dict[str, str]) -> Any:
 async def test_replays_real_node_session(g: Gw) -> None:
     """Replay node-session.jsonl: every gw->node frame must come back the same."""
     lines = [json.loads(line) for line in FIXTURE.read_text().splitlines() if line.strip()]
-    auths = {l["conn"]: l["frame"] for l in lines if l["dir"] == "node->gw" and l["frame"]["type"] == "gateway_auth"}
+    auths = {ln["conn"]: ln["frame"] for ln in lines if ln["dir"] == "node->gw" and ln["frame"]["type"] == "gateway_auth"}
     names: dict[str, str] = {}
-    oks = [l["frame"] for l in lines if l["dir"] == "gw->node" and l["frame"]["type"] == "gateway_auth_ok"]
+    oks = [ln["frame"] for ln in lines if ln["dir"] == "gw->node" and ln["frame"]["type"] == "gateway_auth_ok"]
     for conn, ok in zip((1, 2), oks):
         names[ok["meshId"]] = f"mesh-{conn}"
         names[ok["name"]] = f"Mesh mesh-{conn}"
@@ -1136,12 +1136,13 @@ async def test_unfinished_frames_before_auth_cost_at_most_16_kib(tmp_path: Path)
             sockets.append((reader, writer))
         for reader, _ in sockets:
             assert await closed_by_server(reader)  # at 16 KiB, not 1 MiB
-        rss_kb = int(next(l for l in Path(f"/proc/{proc.pid}/status").read_text().splitlines() if l.startswith("VmRSS")).split()[1])
+        status = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+        rss_kb = int(next(line for line in status if line.startswith("VmRSS")).split()[1])
         assert rss_kb < 200 * 1024
         async with httpx.AsyncClient(base_url=f"http://{addr}") as http:
             g = Gw([addr], http)
             async with g.stack:
-                a, b = await g.node("a"), await g.node("b")
+                a, _ = await g.node("a"), await g.node("b")
                 await relay_all(a, "b", range(1), delivered=1)
         for _, writer in sockets:
             writer.close()
@@ -1207,7 +1208,7 @@ async def test_handshakes_past_the_caps_get_503(tmp_path: Path) -> None:
         assert refused.value.response.status_code == 503
         await strangers[0].send(type="gateway_auth", meshId="x", secret="nope-nope")  # no longer pending once refused
         await strangers[0].closed()
-        a, b = await g.node("a"), await g.node("b")  # pending back under the cap: 3 sockets in all
+        a, _ = await g.node("a"), await g.node("b")  # pending back under the cap: 3 sockets in all
         with pytest.raises(websockets.InvalidStatus) as refused:
             await g.connect()
         assert refused.value.response.status_code == 503
@@ -2305,7 +2306,7 @@ async def test_metrics_move_and_stay_off_the_public_port(tmp_path: Path) -> None
             async with g.stack:
                 before = scrape((await http.get(f"http://127.0.0.1:{metrics_port}/metrics")).text)
                 assert (await http.get("/metrics")).status_code == 404  # the public port keeps its three routes
-                a, b = await g.node("a"), await g.node("b")
+                a, _ = await g.node("a"), await g.node("b")
                 await relay_all(a, "b", range(3), delivered=1)
                 await a.send(type="gateway_relay", targetMeshId="nobody", payload={"type": "m"}, id="x")
                 await a.error("target_offline")
