@@ -1516,6 +1516,7 @@ class Hub:
         self._announced = 0  # announcements so far
         self._announce_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.buckets: dict[str, tuple[TokenBucket, TokenBucket]] = {}  # per mesh: relays, updates
 
     @property
     def healthy(self) -> bool:
@@ -1546,6 +1547,8 @@ class Hub:
         peer.on_close = self.forget
         peer.on_confirm = self._confirmed
         peer.live = False  # until its greeting (and mailbox) are through
+        # Rate limits are per mesh, not per socket: reconnecting never refills them.
+        peer.bucket, peer.updates = self.buckets.setdefault(mesh_id, (peer.bucket, peer.updates))
         peer.tracking = peer.tracking and self.mailboxes is not None
         self.peers[mesh_id] = peer
         presence = self._put(peer.presence(self.node))
@@ -1707,13 +1710,15 @@ class Hub:
             log.warning("mesh %s: backplane down, its presence expires by TTL", presence.mesh_id)
 
     async def refresh_forever(self) -> None:
-        """Offline delivery's housekeeping: last-seen times, TTL expiry, unreferenced frames."""
-        if self.mailboxes is None:
-            return
+        """Housekeeping: forget full rate-limit buckets of meshes that are gone; offline delivery's
+        last-seen times, TTL expiry, unreferenced frames."""
         while True:
-            await asyncio.sleep(self.mailboxes.refresh_s)
-            with contextlib.suppress(StoreError, BackplaneUnavailable):
-                await self.mailboxes.refresh([m for m, peer in self.peers.items() if peer.live])
+            await asyncio.sleep(self.mailboxes.refresh_s if self.mailboxes is not None else 10.0)
+            for mesh_id in [m for m, (relays, updates) in self.buckets.items() if m not in self.peers and relays.full() and updates.full()]:
+                del self.buckets[mesh_id]
+            if self.mailboxes is not None:
+                with contextlib.suppress(StoreError, BackplaneUnavailable):
+                    await self.mailboxes.refresh([m for m, peer in self.peers.items() if peer.live])
 
     # --- relaying ---
 
@@ -2613,7 +2618,8 @@ async def dispatch(peer: Peer, frame: ClientFrame, hub: Hub) -> None:
 
 
 def unavailable(frame_id: str | None) -> Error:
-    return Error(message="backplane unavailable: not relayed to other processes", code=BACKPLANE_UNAVAILABLE, id=frame_id)
+    """Redis (or, for a frame kept for an away mesh, the database) could not take the frame."""
+    return Error(message="backplane unavailable: not relayed or kept, retry", code=BACKPLANE_UNAVAILABLE, id=frame_id)
 
 
 def admit(peer: Peer, frame_id: str | None, bucket: TokenBucket) -> bool:

@@ -1003,6 +1003,11 @@ async def test_rate_limit_flood(tmp_path: Path) -> None:
         error = await a.error("rate_limited", id="over")
         assert 0 < error["retryAfterMs"] <= 12000
         await b.quiet()  # the over-limit broadcast was not relayed
+        again = await g.connect()  # reconnecting does not refill the mesh's bucket
+        await again.send(type="gateway_auth", meshId="a", secret="secret-a")
+        await again.expect("gateway_auth_ok")
+        await again.send(type="gateway_relay", targetMeshId="b", payload={"type": "more"}, id="still-over")
+        await again.error("rate_limited", id="still-over")
 
 
 async def test_unanswered_pings_close_1011(tmp_path: Path) -> None:

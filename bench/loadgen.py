@@ -783,8 +783,9 @@ class GuessRole(Role):
     `X-Forwarded-For: 10.a.b.c` (the harness connects from 127.0.0.1, which the gateway trusts for that
     header by default, so each attempt comes "from" that address; nothing is sent to it).
 
-    Attempt i guesses for `targets[i % len(targets)]` from the ((i % ips) + 1)-th address, `rate` a
-    second (0: as fast as `concurrency` attempts in flight allow), until `stop` or `max_attempts`.
+    Attempt i guesses for `targets[i % len(targets)]` (no `targets`: for a meshId of its own, never
+    registered, `nobody-<i>`) from the ((i % ips) + 1)-th address, `rate` a second (0: as fast as
+    `concurrency` attempts in flight allow), until `stop` or `max_attempts`.
     Outcomes, from what the gateway answers: `checked` ("Invalid credentials": the secret was
     checked), `throttled` ("Too many attempts", with `retryAfterMs`: it was not), `refused` (the
     upgrade was refused, e.g. 503), `unanswered` (reset or timed out before an answer)."""
@@ -824,7 +825,8 @@ class GuessRole(Role):
             await asyncio.wait(tasks, timeout=15)
 
     async def attempt(self, i: int) -> None:
-        target, ip = self.targets[i % len(self.targets)], fake_ip(i % self.ips + 1)
+        target = self.targets[i % len(self.targets)] if self.targets else f"nobody-{i:07d}"
+        ip = fake_ip(i % self.ips + 1)
         answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
         def on_message(data: bytes) -> None:

@@ -84,12 +84,15 @@ SIDES: dict[str, tuple[Side, ...]] = {
     "storm-participants": (Side("no-participants", "gateway", {"participants": False}),
                            Side("participants", "gateway", {"participants": True})),
     "guess-flood": (Side("quiet", "gateway-limits", {"flood": ""}), Side("flood", "gateway-limits", {"flood": "paced"}),
+                    Side("flood-spread", "gateway-limits", {"flood": "spread"}),
                     Side("flood-max", "gateway-limits", {"flood": "max"})),
     "preauth-memory": (Side("quiet", "gateway", {"attack": False}), Side("attack", "gateway", {"attack": True})),
 }  # fmt: skip
 
 # Scenarios left out of --quick unless named (the quick run must stay ~25 s; see the README).
 QUICK_SKIP: tuple[str, ...] = ("relay-offline", "fanout-max-offline", "kept-100k")
+# Under --quick these run their last side only (the attacked one: its code is the baseline's and more).
+QUICK_LAST_SIDE: tuple[str, ...] = ("storm-participants", "guess-flood", "preauth-memory")
 # Table rows: scenario -> (metric, label, higher is better)
 HEADLINES: dict[str, list[tuple[str, str, bool]]] = {
     "relay": [("msgs_per_s", "delivered msg/s", True), ("p50_ms", "p50 ms", False), ("p99_ms", "p99 ms", False)],
@@ -126,11 +129,12 @@ def sides_for(name: str, servers: list[str], scale: Any) -> list[Side]:
         return [Side(kind, kind) for kind in servers]
     if "gateway" not in servers:
         return []
+    sides = SIDES[name][-1:] if scale is QUICK and name in QUICK_LAST_SIDE else SIDES[name]
     # `away_pct: None` is the scale's share (tiny meshes counts under --quick still leave one mesh away).
     return [
         dataclasses.replace(side, options={k: scale.away_pct if v is None and k == "away_pct" else v
                                            for k, v in side.options.items()})
-        for side in SIDES[name]
+        for side in sides
     ]  # fmt: skip
 
 
@@ -243,12 +247,17 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
                 return r[metric] if metric.endswith("cpu_pct") else r["metrics"].get(metric, float("nan"))
 
             entry[metric] = {k: spread([value(r) for r in rows if r["server"] == k]) for k in labels}
-            ratios = [
-                value(by_run[(top, run)]) / value(by_run[(bottom, run)])
-                for (kind, run) in by_run
-                if kind == top and (bottom, run) in by_run and value(by_run[(bottom, run)])
-            ]
-            entry[metric]["ratio"] = spread(ratios)
+
+            def ratios(top: str) -> dict[str, float] | None:
+                return spread([
+                    value(by_run[(top, run)]) / value(by_run[(bottom, run)])
+                    for (kind, run) in by_run
+                    if kind == top and (bottom, run) in by_run and value(by_run[(bottom, run)])
+                ])  # fmt: skip
+
+            entry[metric]["ratio"] = ratios(top)
+            if len(SIDES.get(name, ())) > 2:  # every side against the baseline (the first), run by run
+                entry[metric]["ratios"] = {side.label: ratios(side.label) for side in SIDES[name][1:]}
         summary[name] = entry
     return summary
 
@@ -312,6 +321,8 @@ def table(report: dict[str, Any]) -> str:
         lines += ["", cluster_table(report["summary"]["cluster"])]
     if any(name in report["summary"] for name in OFFLINE_HEADLINES):
         lines += ["", offline_table(report["summary"])]
+    if any(name in report["summary"] for name in ABUSE_HEADLINES):
+        lines += ["", abuse_table(report["summary"])]
     return "\n".join(lines)
 
 
@@ -372,6 +383,91 @@ def offline_table(summary: dict[str, Any]) -> str:
                 f"{ratio['median']:.3g}" if ratio else "–", verdict,
                 f"{cell(entry, cpu, top, note=False)} / {cell(entry, cpu, bottom or None, note=False)}" if i == 0 else "",
                 f"{cell(entry, load, top, note=False)} / {cell(entry, load, bottom or None, note=False)}" if i == 0 else "",
+            ]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# Limits against abuse: scenario -> (title, [(side, metric, label, target)]); each row is that side against
+# the scenario's baseline (its first side) in the same run. target: (op, bound, "ratio" | "value") or None.
+Target = tuple[str, float, str]
+SYMBOLS = {"<=": "≤", "<": "<", ">=": "≥"}
+ABUSE_HEADLINES: dict[str, tuple[str, list[tuple[str, str, str, Target | None]]]] = {
+    "storm-participants": ("storm-participants (3 participants per mesh / none)", [
+        ("participants", "all_authed_s", "s until the last gateway_auth_ok", ("<=", 2, "ratio")),
+        ("participants", "settled_s", "s until every mesh has every other group", ("<=", 2, "ratio")),
+        ("participants", "max_stall_ms", "worst stall of a connected mesh ms", None),
+        ("participants", "group_mb", "participant frames received MB", None),
+        ("participants", "groups_again", "groups received twice", None)]),
+    "guess-flood": ("guess-flood (legit auth during wrong-secret floods / none)", [
+        ("flood", "p50_ms", "paced flood: legit auth p50 ms", None),
+        ("flood", "p99_ms", "paced flood: legit auth p99 ms", ("<=", 2, "ratio")),
+        ("flood", "p99_checking_ms", "... p99 while every guess is checked", None),
+        ("flood", "p99_throttling_ms", "... p99 once guesses are throttled", None),
+        ("flood", "attempts_per_s", "guesses/s", None),
+        ("flood", "checked_per_s", "guesses checked/s", None),
+        ("flood", "throttled_per_s", "guesses throttled/s", None),
+        ("flood-spread", "p50_ms", "spread flood: legit auth p50 ms", None),
+        ("flood-spread", "p99_ms", "spread flood: legit auth p99 ms", ("<=", 2, "ratio")),
+        ("flood-spread", "attempts_per_s", "guesses/s", None),
+        ("flood-spread", "checked_per_s", "guesses checked/s", None),
+        ("flood-spread", "throttled_per_s", "guesses throttled/s", None),
+        ("flood-max", "p50_ms", "max flood: legit auth p50 ms", None),
+        ("flood-max", "p99_ms", "max flood: legit auth p99 ms", ("<=", 2, "ratio")),
+        ("flood-max", "p99_throttling_ms", "... p99 once guesses are throttled", None),
+        ("flood-max", "attempts_per_s", "guesses/s", None),
+        ("flood-max", "checked_per_s", "guesses checked/s", None),
+        ("flood-max", "throttled_per_s", "guesses throttled/s", None)]),
+    "preauth-memory": ("preauth-memory (unauthenticated sockets that try to make it buffer / none)", [
+        ("attack", "rss_peak_mb", "gateway peak RSS MB", ("<", 200, "value")),
+        ("attack", "rss_growth_mb", "RSS growth MB (peak)", None),
+        ("attack", "connect_first_ms", "legit connect + auth ms, beside the silent sockets", None),
+        ("attack", "connect_second_ms", "... a second one as they send", None),
+        ("attack", "relay_p99_ms", "legit relay p99 ms", None),
+        ("attack", "relay_max_ms", "legit relay max ms", None),
+        ("attack", "frames_1009", "1 MiB frames closed 1009", None),
+        ("attack", "fragments_1009", "fragmented messages closed 1009", None),
+        ("attack", "headers_431", "endless headers answered 431", None),
+        ("attack", "header_sent_max_kib", "header KiB sent before the 431 (most)", None)]),
+}  # fmt: skip
+
+
+def abuse_table(summary: dict[str, Any]) -> str:
+    """The abuse-limit scenarios: each attacked (or heavier) side against the same load without it, same run."""
+    lines = [
+        "Limits against abuse: each measured side against its baseline in the same run (the ratio is "
+        "measured/baseline per run, median).",
+        "",
+        "| scenario | metric | measured | baseline | ratio | target | server CPU % | loadgen CPU % |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, (title, headlines) in ABUSE_HEADLINES.items():
+        entry = summary.get(name)
+        if entry is None:
+            continue
+        base = SIDES[name][0].label
+        shown: set[str] = set()
+        for i, (side, metric, label, target) in enumerate(headlines):
+            e = entry.get(metric, {})
+            ratio = (e.get("ratios") or {}).get(side) if "ratios" in e else e.get("ratio")
+            verdict = "–"
+            if target is not None:
+                op, bound, on = target
+                verdict = f"{SYMBOLS[op]} {bound:,g}{'×' if on == 'ratio' else ''}"
+                judged = ratio if on == "ratio" else e.get(side)
+                if judged is not None:
+                    v = judged["median"]
+                    met = {"<=": v <= bound, "<": v < bound, ">=": v >= bound}[op]
+                    verdict += ": met" if met else ": **missed**"
+            first = side not in shown
+            shown.add(side)
+            cpu, load = entry["server_cpu_pct"], entry["loadgen_cpu_pct"]
+            cells = [
+                title if i == 0 else "", label, cell(entry, e, side),
+                cell(entry, e, base) if e.get(base) is not None else "–",
+                f"{ratio['median']:.3g}" if ratio else "–", verdict,
+                f"{cell(entry, cpu, side, note=False)} / {cell(entry, cpu, base, note=False)}" if first else "",
+                f"{cell(entry, load, side, note=False)} / {cell(entry, load, base, note=False)}" if first else "",
             ]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
