@@ -1092,6 +1092,30 @@ async def test_the_greeting_never_locks_a_new_mesh_out(tmp_path: Path) -> None:
         assert len(await late.discover()) == 121
 
 
+async def test_a_new_mesh_joins_5000_meshes_with_25_participants_each(tmp_path: Path) -> None:
+    """The issue's scale: 5,000 meshes (here held by 'another process', injected into the hub as
+    the Redis backplane would) with 25 participants each, a 6 MB greeting against a 1 MiB send
+    buffer. A real new mesh joins, gets every group in bounded frames, and discovers them all."""
+    settings = make_settings(tmp_path)
+    gateway = gw.Gateway(settings)
+    app = Starlette(routes=gateway.routes, lifespan=gateway.lifespan)
+    async with running(settings, app) as g:
+        people = [gw.Participant(f"user-{i:02d}", f"Person number {i}", "user") for i in range(25)]
+        for n in range(5000):
+            gateway.hub._put(gw.Presence(f"far-{n}", f"Far {n}", node="elsewhere", conn=f"c{n}", claimed_ns=n, participants=people))
+        assert (await g.register("late")).status_code == 200
+        late = await g.connect()
+        await late.send(type="gateway_auth", meshId="late", secret="secret-late")
+        await late.expect("gateway_auth_ok")
+        groups: set[str] = set()
+        while len(groups) < 5000:
+            frame = await late.expect("gateway_participants")
+            groups.update(grp["meshId"] for grp in frame["remoteParticipants"])
+        assert len(await late.discover()) == 5001
+        peer = gateway.hub.peers["late"]
+        assert peer.queued <= peer.limit and not peer.closing  # never held more than its buffer
+
+
 async def test_updates_and_discovers_are_rate_limited_and_coalesced(tmp_path: Path) -> None:
     async with running(make_settings(tmp_path, update_rate_per_min=5)) as g:
         a, b = await g.node("a"), await g.node("b")
@@ -1910,9 +1934,13 @@ VALID_FRAMES = [
     {"type": "gateway_update_rooms", "publicRooms": ["a"]},
     {"type": "gateway_auth", "meshId": "fuzz", "secret": "secret-fuzz"},
 ]
+def json_containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    json_containers,
     max_leaves=10,
 )
 
