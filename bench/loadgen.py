@@ -809,6 +809,11 @@ class GuessRole(Role):
         rate, limit = float(self.job.get("rate", 0)), int(self.job.get("max_attempts", 1_000_000))
         gate = asyncio.Semaphore(int(self.job.get("concurrency", 64)))
         tasks: set[asyncio.Task[None]] = set()
+
+        def finished(task: asyncio.Task[None]) -> None:
+            tasks.discard(task)
+            gate.release()
+
         start = time.monotonic()
         while self.running and self.attempts < limit:
             await gate.acquire()
@@ -818,7 +823,7 @@ class GuessRole(Role):
             self.attempts += 1
             task = asyncio.get_running_loop().create_task(self.attempt(self.attempts))
             tasks.add(task)
-            task.add_done_callback(lambda t: (tasks.discard(t), gate.release()))
+            task.add_done_callback(finished)
             if rate:
                 await asyncio.sleep(max(0.0, start + self.attempts / rate - time.monotonic()))
         if tasks:
@@ -995,8 +1000,8 @@ class PreauthRole(Role):
                     answer.set_result(data)
 
             def connection_lost(self, exc: Exception | None) -> None:
-                if not answer.done():
-                    answer.set_result(b"")
+                if not answer.done():  # no answer: reset (RST) or closed (FIN) without a status line
+                    answer.set_result(b"reset" if isinstance(exc, ConnectionResetError) else b"")
 
         chunk, total = int(self.job.get("header_chunk", 8192)), int(self.job.get("header_total", 4_000_000))
         interval = float(self.job.get("header_interval_s", 0.005))
@@ -1023,7 +1028,7 @@ class PreauthRole(Role):
                 await asyncio.sleep(0.05)
         if answer.done():
             data = answer.result()
-            status = data.split(b" ", 2)[1].decode() if data.startswith(b"HTTP/") else "closed"
+            status = data.split(b" ", 2)[1].decode() if data.startswith(b"HTTP/") else data.decode() or "closed"
             self.answered("headers", status, sent, t0)
         else:
             self.answered("headers", "open", sent, t0)

@@ -7,6 +7,8 @@
     python bench/run.py --scenarios cluster --runs 3 --no-readme --out /tmp/cluster.json   # 1 process vs 3 + Redis
     python bench/run.py --scenarios relay-offline,fanout-max-offline,fanout-away,catchup,kept-100k \
         --runs 1 --no-readme --out /tmp/offline.json          # offline delivery
+    python bench/run.py --scenarios storm-participants,guess-flood,preauth-memory \
+        --runs 1 --no-readme --out /tmp/abuse.json            # limits against abuse
 
 Exit status: 0 when every scenario ran clean, 1 when any failed (lost messages,
 unexpected closes, errors, a server that would not start).
@@ -225,6 +227,17 @@ def spread(values: list[float]) -> dict[str, float] | None:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
+def run_ratios(
+    by_run: dict[tuple[str, int], dict[str, Any]], value: Any, top: str, bottom: str
+) -> dict[str, float] | None:
+    """`top`'s figure over `bottom`'s, run by run (the same run of both), as a spread."""
+    return spread([
+        value(by_run[(top, run)]) / value(by_run[(bottom, run)])
+        for (kind, run) in by_run
+        if kind == top and (bottom, run) in by_run and value(by_run[(bottom, run)])
+    ])  # fmt: skip
+
+
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Per scenario and metric: each server's median/min/max, and the ratio of the two servers
     compared (`RATIOS`: gateway/ceiling, or cluster/gateway) run by run."""
@@ -247,17 +260,10 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
                 return r[metric] if metric.endswith("cpu_pct") else r["metrics"].get(metric, float("nan"))
 
             entry[metric] = {k: spread([value(r) for r in rows if r["server"] == k]) for k in labels}
-
-            def ratios(top: str) -> dict[str, float] | None:
-                return spread([
-                    value(by_run[(top, run)]) / value(by_run[(bottom, run)])
-                    for (kind, run) in by_run
-                    if kind == top and (bottom, run) in by_run and value(by_run[(bottom, run)])
-                ])  # fmt: skip
-
-            entry[metric]["ratio"] = ratios(top)
+            entry[metric]["ratio"] = run_ratios(by_run, value, top, bottom)
             if len(SIDES.get(name, ())) > 2:  # every side against the baseline (the first), run by run
-                entry[metric]["ratios"] = {side.label: ratios(side.label) for side in SIDES[name][1:]}
+                entry[metric]["ratios"] = {side.label: run_ratios(by_run, value, side.label, bottom)
+                                           for side in SIDES[name][1:]}  # fmt: skip
         summary[name] = entry
     return summary
 
@@ -428,15 +434,18 @@ ABUSE_HEADLINES: dict[str, tuple[str, list[tuple[str, str, str, Target | None]]]
         ("attack", "frames_1009", "1 MiB frames closed 1009", None),
         ("attack", "fragments_1009", "fragmented messages closed 1009", None),
         ("attack", "headers_431", "endless headers answered 431", None),
-        ("attack", "header_sent_max_kib", "header KiB sent before the 431 (most)", None)]),
+        ("attack", "headers_reset", "... reset before their 431 arrived", None),
+        ("attack", "header_sent_max_kib", "header KiB written before the answer (most)", None)]),
 }  # fmt: skip
 
 
 def abuse_table(summary: dict[str, Any]) -> str:
     """The abuse-limit scenarios: each attacked (or heavier) side against the same load without it, same run."""
     lines = [
-        "Limits against abuse: each measured side against its baseline in the same run (the ratio is "
-        "measured/baseline per run, median).",
+        (
+            "Limits against abuse: each measured side against its baseline in the same run (the ratio is "
+            "measured/baseline per run, median)."
+        ),
         "",
         "| scenario | metric | measured | baseline | ratio | target | server CPU % | loadgen CPU % |",
         "|---|---|---|---|---|---|---|---|",
