@@ -1771,13 +1771,15 @@ class Hub:
         if not self.healthy:  # delivered on this process only
             sender.send_frame(unavailable(frame_id))
             return
-        answers = [self.backplane.broadcast(mesh_id, data)]
+        published = self.backplane.broadcast(mesh_id, data)
         readers = self.mailboxes.readers if self.mailboxes is not None else ()
-        if readers and (len(readers) > 1 or mesh_id not in readers):
-            answers.append(self.mailboxes.keep(mesh_id, None, data))  # type: ignore[union-attr]
-            answers[-1].add_done_callback(self._count_kept)
-        done = asyncio.gather(*answers, return_exceptions=True)
-        done.add_done_callback(lambda results: answer_broadcast(sender, frame_id, delivered, results.result()))
+        if not readers or (len(readers) == 1 and mesh_id in readers):  # nobody away: the common, cheap case
+            published.add_done_callback(lambda done: answer_broadcast(sender, frame_id, delivered, [outcome(done)]))
+            return
+        kept = self.mailboxes.keep(mesh_id, None, data)  # type: ignore[union-attr]
+        kept.add_done_callback(self._count_kept)
+        both = asyncio.gather(published, kept, return_exceptions=True)
+        both.add_done_callback(lambda done: answer_broadcast(sender, frame_id, delivered, done.result()))
 
     def _count_kept(self, kept: asyncio.Future[int]) -> None:
         self.stats.kept += stored(kept) or 0
@@ -1899,6 +1901,13 @@ def receivers(published: asyncio.Future[int]) -> int | None:
     if published.cancelled() or published.exception() is not None:
         return None
     return published.result()
+
+
+def outcome(done: asyncio.Future[Any]) -> Any:
+    """A done future's result, or its exception (as `gather(..., return_exceptions=True)` gives)."""
+    if done.cancelled():
+        return asyncio.CancelledError()
+    return done.exception() or done.result()
 
 
 def stored(kept: asyncio.Future[int]) -> int | None:
