@@ -2301,8 +2301,8 @@ async def test_json_logs_carry_the_context(tmp_path: Path) -> None:
             g = Gw([addr], http)
             async with g.stack:
                 a = await g.node("a")
-                for n in range(4):
-                    await a.send(type="gateway_broadcast", payload={"type": "m"}, id=f"x{n}")
+                for n in range(4):  # the first two pass (no ids: no acks ahead of the errors), the last two are refused
+                    await a.send(type="gateway_broadcast", payload={"type": "m"}, **({"id": f"x{n}"} if n >= 2 else {}))
                 await a.error("rate_limited", id="x2")
                 await a.error("rate_limited", id="x3")
                 bad = await g.connect()
