@@ -96,9 +96,7 @@ class Settings(Struct, frozen=True, kw_only=True, rename="upper"):
         if self.redis_url is not None and not re.fullmatch(r"(rediss?|unix)://\S+", self.redis_url):
             raise ValueError(f"REDIS_URL={self.redis_url!r} is not a redis://, rediss:// or unix:// URL")
         if self.ws_max_bytes < self.max_frame_bytes:
-            raise ValueError(
-                f"WS_MAX_BYTES={self.ws_max_bytes} is below MAX_FRAME_BYTES={self.max_frame_bytes}"
-            )
+            raise ValueError(f"WS_MAX_BYTES={self.ws_max_bytes} is below MAX_FRAME_BYTES={self.max_frame_bytes}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -187,11 +185,13 @@ class ChatMessage(Struct, omit_defaults=True):
 
 class MeshPayload(Struct, omit_defaults=True):
     type: Any = UNSET
-    message: ChatMessage | list[Any] | str | int | float | bool | None | UnsetType = UNSET
+    message: ChatMessage | list[Any] | str | int | float | bool | UnsetType | None = UNSET
 
 
 ClientFrame = Auth | Discover | Relay[Any] | Broadcast[Any] | UpdateParticipants | UpdateRooms
-CLIENT_TAGS = frozenset(cls.__struct_config__.tag for cls in (Auth, Discover, Relay, Broadcast, UpdateParticipants, UpdateRooms))
+CLIENT_TAGS = frozenset(
+    cls.__struct_config__.tag for cls in (Auth, Discover, Relay, Broadcast, UpdateParticipants, UpdateRooms)
+)
 
 
 class AuthOk(Frame, tag="gateway_auth_ok"):
@@ -286,6 +286,7 @@ CLOSE_RESTART = 1012  # gateway shutting down: reconnect
 CLOSE_TRY_AGAIN = 1013  # send buffer full, or backplane down during auth
 CLOSE_REPLACED = 4000  # a newer connection authenticated as this mesh
 CLOSE_UNREGISTERED = 4001  # the mesh was deleted
+
 
 def federate(payload: Any) -> Any:
     """A relayed chat message is never trusted as local on the receiving mesh."""
@@ -585,6 +586,7 @@ def read_registry_file(path: str) -> tuple[list[Mesh], str]:
                 meshes.pop(mesh_id, None)
     return list(meshes.values()), hashlib.sha256(data + b"\0" + journal).hexdigest()
 
+
 # --- Store: the registry and the offline mailboxes in one SQLite database ---------
 # One writer thread owns the connection; the event loop hands it jobs and awaits
 # their futures. Jobs queued meanwhile run in one transaction and share one
@@ -822,9 +824,14 @@ class SqliteStore:
         return await self.call(self._listing, after, limit)
 
     def _listing(self, after: str, limit: int) -> list[MeshInfo]:
-        rows = self._db_().execute(
-            "SELECT mesh_id, name, created, last_seen FROM meshes WHERE mesh_id > ? ORDER BY mesh_id LIMIT ?", (after, limit)
-        ).fetchall()
+        rows = (
+            self._db_()
+            .execute(
+                "SELECT mesh_id, name, created, last_seen FROM meshes WHERE mesh_id > ? ORDER BY mesh_id LIMIT ?",
+                (after, limit),
+            )
+            .fetchall()
+        )
         kept = self._count | self._reading
         return [MeshInfo(m, name, created, seen, kept.get(m, 0)) for m, name, created, seen in rows]
 
@@ -839,9 +846,11 @@ class SqliteStore:
             log.info("imported %d of %d meshes from %s", added, len(meshes), path)
 
     def _get(self, mesh_id: str) -> Mesh | None:
-        row = self._db_().execute(
-            "SELECT mesh_id, name, secret_hash, created FROM meshes WHERE mesh_id = ?", (mesh_id,)
-        ).fetchone()
+        row = (
+            self._db_()
+            .execute("SELECT mesh_id, name, secret_hash, created FROM meshes WHERE mesh_id = ?", (mesh_id,))
+            .fetchone()
+        )
         return None if row is None else Mesh(*row)
 
     def _put(self, mesh: Mesh, expect: Mesh | None, legacy: bool) -> bool:
@@ -1067,9 +1076,7 @@ class SqliteStore:
         self._count[mesh_id] -= n
         self.dropped += n
         self._delete_rows("target = ? AND seq <= ?", (mesh_id, row[0]))
-        db.execute(
-            "UPDATE meshes SET cursor = ?, dropped = dropped + ? WHERE mesh_id = ?", (row[0], n, mesh_id)
-        )
+        db.execute("UPDATE meshes SET cursor = ?, dropped = dropped + ? WHERE mesh_id = ?", (row[0], n, mesh_id))
         log.warning("mesh %s: mailbox full, dropped its %d oldest kept frames", mesh_id, n)
 
 
@@ -1101,7 +1108,7 @@ class Close(Struct, frozen=True):
 class TokenBucket:
     """`rate_per_min` tokens a minute, with that many as burst."""
 
-    __slots__ = ("capacity", "per_second", "tokens", "stamp")
+    __slots__ = ("capacity", "per_second", "stamp", "tokens")
 
     def __init__(self, rate_per_min: int) -> None:
         self.capacity = float(rate_per_min)
@@ -1163,7 +1170,7 @@ ConfirmPing = Callable[[Callable[[], None]], bool]
 class Buckets:
     """A histogram as plain counts (upper bounds in seconds); the metrics endpoint reads it."""
 
-    __slots__ = ("bounds", "counts", "total", "sum")
+    __slots__ = ("bounds", "counts", "sum", "total")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
@@ -1223,14 +1230,58 @@ class Peer:
     """
 
     __slots__ = (
-        "send_asgi", "mesh_id", "name", "conn", "claimed_ns", "participants", "public_rooms", "bucket", "on_close",
-        "outbox", "queued", "limit", "closing", "goodbye", "dropping", "writer", "auth_deadline",
-        "confirm", "tracking", "unconfirmed", "unconfirmed_bytes", "appended", "sending", "sending_at",
-        "confirmed", "ping_at", "confirm_timer", "confirm_interval", "kept_seqs", "on_confirm",
-        "live", "backlog", "backlog_bytes", "held", "read_pos", "end", "spills", "space", "all_confirmed", "released", "updates", "limited", "greeted", "ip", "controls", "stats", "queued_at",
+        "all_confirmed",
+        "appended",
+        "auth_deadline",
+        "backlog",
+        "backlog_bytes",
+        "bucket",
+        "claimed_ns",
+        "closing",
+        "confirm",
+        "confirm_interval",
+        "confirm_timer",
+        "confirmed",
+        "conn",
+        "controls",
+        "dropping",
+        "end",
+        "goodbye",
+        "greeted",
+        "held",
+        "ip",
+        "kept_seqs",
+        "limit",
+        "limited",
+        "live",
+        "mesh_id",
+        "name",
+        "on_close",
+        "on_confirm",
+        "outbox",
+        "participants",
+        "ping_at",
+        "public_rooms",
+        "queued",
+        "queued_at",
+        "read_pos",
+        "released",
+        "send_asgi",
+        "sending",
+        "sending_at",
+        "space",
+        "spills",
+        "stats",
+        "tracking",
+        "unconfirmed",
+        "unconfirmed_bytes",
+        "updates",
+        "writer",
     )  # fmt: skip
 
-    def __init__(self, send: Send, settings: Settings, confirm: ConfirmPing | None = None, stats: Stats | None = None) -> None:
+    def __init__(
+        self, send: Send, settings: Settings, confirm: ConfirmPing | None = None, stats: Stats | None = None
+    ) -> None:
         self.send_asgi = send
         self.stats = stats or Stats()
         self.queued_at = 0.0  # when the oldest frame in the outbox was queued
@@ -1269,7 +1320,9 @@ class Peer:
         self.ping_at = -1  # frames covered by the confirmation ping in flight (-1: none)
         self.confirm_timer: asyncio.TimerHandle | None = None
         self.kept_seqs: deque[tuple[int, int]] = deque()  # (frame number, mailbox seq) of kept frames sent
-        self.on_confirm: Callable[[Peer, int, int], None] | None = None  # (peer, up to seq, how many) kept frames confirmed
+        self.on_confirm: Callable[[Peer, int, int], None] | None = (
+            None  # (peer, up to seq, how many) kept frames confirmed
+        )
         self.all_confirmed = asyncio.Event()
         # Catching up (offline delivery only): the hub sets `live` false until the mailbox is read.
         self.live = True
@@ -1635,7 +1688,11 @@ class Hub:
         if peer.mesh_id is None or peer.backlog_bytes <= peer.limit // 2:
             return
         if self.mailboxes is None or not peer.has_room():
-            log.warning("mesh %s: send buffer full while catching up, cut off (1013)", peer.mesh_id, extra=peer.context("cut_off", 1013))
+            log.warning(
+                "mesh %s: send buffer full while catching up, cut off (1013)",
+                peer.mesh_id,
+                extra=peer.context("cut_off", 1013),
+            )
             peer.close(CLOSE_TRY_AGAIN, "send buffer full", flush=False)
             return
         frames = [text.encode() for text in peer.backlog]
@@ -1719,7 +1776,11 @@ class Hub:
         last-seen times, TTL expiry, unreferenced frames."""
         while True:
             await asyncio.sleep(self.mailboxes.refresh_s if self.mailboxes is not None else 10.0)
-            for mesh_id in [m for m, (relays, updates) in self.buckets.items() if m not in self.peers and relays.full() and updates.full()]:
+            for mesh_id in [
+                m
+                for m, (relays, updates) in self.buckets.items()
+                if m not in self.peers and relays.full() and updates.full()
+            ]:
                 del self.buckets[mesh_id]
             if self.mailboxes is not None:
                 with contextlib.suppress(StoreError, BackplaneUnavailable):
@@ -1926,7 +1987,9 @@ def answer_broadcast(sender: Peer, frame_id: str | None, delivered: int, results
         sender.send_frame(Ack(id=frame_id, delivered=delivered, queued=queued))
 
 
-def answer_relay(sender: Peer, target: str, frame_id: str | None, delivered: int | None, *, queued: int | None = 0) -> None:
+def answer_relay(
+    sender: Peer, target: str, frame_id: str | None, delivered: int | None, *, queued: int | None = 0
+) -> None:
     if delivered is None or queued is None:
         sender.send_frame(unavailable(frame_id))
     elif not delivered and not queued:
@@ -2158,13 +2221,17 @@ class RedisBackplane:
 
     async def withdraw(self, presence: Presence) -> None:
         left = encoder.encode(Left(mesh_id=presence.mesh_id, conn=presence.conn))
-        await self.call(self.withdraw_script(keys=[self.key, CHANNEL_BUS], args=[presence.mesh_id, presence.conn, left]))
+        await self.call(
+            self.withdraw_script(keys=[self.key, CHANNEL_BUS], args=[presence.mesh_id, presence.conn, left])
+        )
 
     def relay(self, node: str, mesh_id: str, frame: bytes) -> asyncio.Future[int]:
         return self._publish(CHANNEL_NODE + node, encoder.encode(Delivery(mesh_id=mesh_id, frame=msgspec.Raw(frame))))
 
     def broadcast(self, sender: str, frame: bytes) -> asyncio.Future[int]:
-        return self._publish(CHANNEL_BUS, encoder.encode(Fanout(node=self.node, sender=sender, frame=msgspec.Raw(frame))))
+        return self._publish(
+            CHANNEL_BUS, encoder.encode(Fanout(node=self.node, sender=sender, frame=msgspec.Raw(frame)))
+        )
 
     async def notify(self, mesh_id: str, *, name: str | None = None, close: bool = False) -> None:
         if not self.healthy:
@@ -2212,7 +2279,11 @@ class RedisBackplane:
                 await self._session()
             except self.errors as exc:
                 if self.healthy:
-                    log.error("backplane down (%s): /health answers 503 until Redis is back", exc, extra={"event": "backplane_down"})
+                    log.error(
+                        "backplane down (%s): /health answers 503 until Redis is back",
+                        exc,
+                        extra={"event": "backplane_down"},
+                    )
                 self.healthy = False
             await asyncio.sleep(self.RETRY_S)
 
@@ -2369,7 +2440,13 @@ class RedisRegistry:
         meshes = sorted((msgspec.json.decode(raw, type=Mesh) for raw in entries.values()), key=lambda m: m.mesh_id)
         chosen = [m for m in meshes if m.mesh_id > after][:limit]
         return [
-            MeshInfo(m.mesh_id, m.name, m.created, float(seen[k]) if (k := m.mesh_id.encode()) in seen else None, int(counts.get(k, 0)))
+            MeshInfo(
+                m.mesh_id,
+                m.name,
+                m.created,
+                float(seen[k]) if (k := m.mesh_id.encode()) in seen else None,
+                int(counts.get(k, 0)),
+            )
             for m in chosen
         ]
 
@@ -2492,7 +2569,9 @@ class RedisMailboxes:
     async def _arrive(self, mesh_id: str, requeue: Requeue | None) -> Arrival:
         if requeue is not None:
             await self._leave(mesh_id, requeue)
-        cursor, end, count, dropped = await self._call(self.arrive_script(keys=MAILBOX_KEYS, args=[mesh_id, time.time()]))
+        cursor, end, count, dropped = await self._call(
+            self.arrive_script(keys=MAILBOX_KEYS, args=[mesh_id, time.time()])
+        )
         skip = max(0, count - self.max_messages)  # past OFFLINE_MAX_MESSAGES the oldest go
         if skip:
             self.dropped += skip
@@ -2646,7 +2725,9 @@ def admit(peer: Peer, frame_id: str | None, bucket: TokenBucket) -> bool:
     peer.stats.rate_limited += 1
     if not peer.limited:
         peer.limited = True
-        log.warning("mesh %s: rate limited (retry after %d ms)", peer.mesh_id, wait_ms, extra=peer.context("rate_limited"))
+        log.warning(
+            "mesh %s: rate limited (retry after %d ms)", peer.mesh_id, wait_ms, extra=peer.context("rate_limited")
+        )
     peer.send_frame(Error(message="rate limit exceeded", code=RATE_LIMITED, id=frame_id, retry_after_ms=wait_ms))
     return False
 
@@ -3077,7 +3158,9 @@ class Gateway:
         peer.ip, peer.controls = client_ip(scope), extension
         if extension:  # SIGTERM: the node confirms what it got before the 1012
             extension["on_shutdown"](lambda: hub.drain_soon(peer))
-        peer.auth_deadline = asyncio.get_running_loop().call_later(self.settings.auth_timeout_s, self._auth_timeout, peer)
+        peer.auth_deadline = asyncio.get_running_loop().call_later(
+            self.settings.auth_timeout_s, self._auth_timeout, peer
+        )
         opened = time.monotonic()
         ended: dict[str, Any] = {}
         try:
@@ -3137,7 +3220,12 @@ class Gateway:
             peer.auth_deadline.cancel()
         keys = (f"mesh:{frame.mesh_id}", f"ip:{peer.ip}")
         if wait_ms := self.failures.wait_ms(*keys):  # throttled: the secret is not even checked
-            log.info("auth refused for %r from %s: too many attempts", frame.mesh_id[:64], peer.ip, extra=peer.context("auth_refused", 1013))
+            log.info(
+                "auth refused for %r from %s: too many attempts",
+                frame.mesh_id[:64],
+                peer.ip,
+                extra=peer.context("auth_refused", 1013),
+            )
             self.stats.auth_failed["throttled"] += 1
             peer.send_frame(AuthError(message="Too many attempts", retry_after_ms=wait_ms))
             peer.close(CLOSE_TRY_AGAIN, "too many attempts")
@@ -3162,7 +3250,12 @@ class Gateway:
         if peer.closing:
             return  # closed meanwhile (gateway shutting down)
         if mesh is None or not valid:
-            log.info("auth refused for %r from %s: invalid credentials", frame.mesh_id[:64], peer.ip, extra=peer.context("auth_refused", 1008))
+            log.info(
+                "auth refused for %r from %s: invalid credentials",
+                frame.mesh_id[:64],
+                peer.ip,
+                extra=peer.context("auth_refused", 1008),
+            )
             self.failures.take(*keys)
             self.stats.auth_failed["invalid_credentials"] += 1
             peer.send_frame(AuthError(message="Invalid credentials"))
@@ -3396,7 +3489,9 @@ def check_redis(url: str) -> None:
 def listen(host: str, port: int) -> socket.socket:
     """Bind the listening socket now, so a bad HOST or a taken PORT stops start-up with one line."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)

@@ -25,12 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import redis.asyncio as aioredis
 import msgspec
 import pytest
+import redis.asyncio as aioredis
 import uvicorn
 import websockets
-from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.routing import Mount
 from websockets.asyncio.client import ClientConnection, connect
@@ -68,10 +70,25 @@ MESSAGE = {
 def test_settings_defaults_match_protocol() -> None:
     s = Settings.from_env({})
     assert (s.port, s.host, s.registry_path, s.redis_url) == (4000, "0.0.0.0", "registry.json", None)
-    assert (s.rate_limit_per_min, s.max_frame_bytes, s.ws_max_bytes, s.send_buffer_bytes) == (60, 10240, 1048576, 1048576)
+    assert (s.rate_limit_per_min, s.max_frame_bytes, s.ws_max_bytes, s.send_buffer_bytes) == (
+        60,
+        10240,
+        1048576,
+        1048576,
+    )
     assert (s.auth_timeout_s, s.ping_interval_s, s.ping_timeout_s, s.presence_ttl_s) == (10, 20, 20, 10)
-    assert (s.payload_policy, s.log_level, s.gateway_admin_token, s.ws_per_message_deflate) == ("mesh", "info", None, False)
-    assert (s.db_path, s.offline_ttl_s, s.offline_max_messages, s.offline_max_bytes) == ("gateway.db", 86400, 10000, 268435456)
+    assert (s.payload_policy, s.log_level, s.gateway_admin_token, s.ws_per_message_deflate) == (
+        "mesh",
+        "info",
+        None,
+        False,
+    )
+    assert (s.db_path, s.offline_ttl_s, s.offline_max_messages, s.offline_max_bytes) == (
+        "gateway.db",
+        86400,
+        10000,
+        268435456,
+    )
     assert s.confirm_interval_s == 1
     assert Settings.from_env({"OFFLINE_TTL_S": "0"}).offline_ttl_s == 0  # off
 
@@ -112,11 +129,15 @@ def test_client_frames_decode_to_structs() -> None:
     )
     assert frame == gw.Auth(mesh_id="a", secret="s", participants=[gw.Participant("1", "x", "user")])
     assert gw.FRAME_DECODERS["passthrough"].decode('{"type":"gateway_discover"}') == gw.Discover()
-    relay = gw.FRAME_DECODERS["passthrough"].decode('{"type":"gateway_relay","targetMeshId":"b","payload":{"k":1},"id":"7"}')
+    relay = gw.FRAME_DECODERS["passthrough"].decode(
+        '{"type":"gateway_relay","targetMeshId":"b","payload":{"k":1},"id":"7"}'
+    )
     assert relay == gw.Relay(target_mesh_id="b", payload={"k": 1}, id="7")
     relay = gw.FRAME_DECODERS["mesh"].decode('{"type":"gateway_relay","targetMeshId":"b","payload":{"k":1,"type":"t"}}')
     assert relay == gw.Relay(target_mesh_id="b", payload=gw.MeshPayload(type="t"))
-    assert gw.FRAME_DECODERS["passthrough"].decode('{"type":"gateway_update_rooms","publicRooms":["x"]}') == gw.UpdateRooms(["x"])
+    assert gw.FRAME_DECODERS["passthrough"].decode(
+        '{"type":"gateway_update_rooms","publicRooms":["x"]}'
+    ) == gw.UpdateRooms(["x"])
 
 
 def test_server_frames_encode_wire_names() -> None:
@@ -322,7 +343,9 @@ class FakeSocket:
             return await self.sent.get()
 
 
-async def make_peer(hub: gw.Hub, mesh_id: str, participants: list[gw.Participant] | None = None) -> tuple[gw.Peer, FakeSocket]:
+async def make_peer(
+    hub: gw.Hub, mesh_id: str, participants: list[gw.Participant] | None = None
+) -> tuple[gw.Peer, FakeSocket]:
     sock = FakeSocket()
     peer = gw.Peer(sock, hub.settings)  # type: ignore[arg-type]
     peer.mesh_id, peer.name, peer.participants = mesh_id, mesh_id.upper(), participants or []
@@ -379,7 +402,9 @@ async def test_dispatch_participants_and_ghosts() -> None:
     a, sock_a = await make_peer(hub, "a")
     alice = gw.Participant("1", "alice", "user")
     b, sock_b = await make_peer(hub, "b", [alice])
-    assert (await sock_a.next())["remoteParticipants"][0]["participants"] == [{"id": "1", "name": "alice", "type": "user"}]
+    assert (await sock_a.next())["remoteParticipants"][0]["participants"] == [
+        {"id": "1", "name": "alice", "type": "user"}
+    ]
     await gw.dispatch(a, gw.UpdateParticipants([gw.Participant("2", "bob", "agent")]), hub)
     assert (await sock_b.next())["remoteParticipants"][0]["meshId"] == "a"
     hub.forget(b)
@@ -499,11 +524,15 @@ class Gw:
     def next_addr(self) -> str:
         return self.addrs[next(self._turn) % len(self.addrs)]
 
-    async def register(self, mesh_id: str, secret: str | None = None, name: str | None = None, **extra: Any) -> httpx.Response:
+    async def register(
+        self, mesh_id: str, secret: str | None = None, name: str | None = None, **extra: Any
+    ) -> httpx.Response:
         body = {"meshId": mesh_id, "secret": secret or f"secret-{mesh_id}", "name": name or f"Mesh {mesh_id}"} | extra
         return await self.http.post(f"http://{self.next_addr()}{self.prefix}/register", json=body)
 
-    async def connect(self, *, rcvbuf: int | None = None, addr: str | None = None, headers: dict[str, str] | None = None) -> Node:
+    async def connect(
+        self, *, rcvbuf: int | None = None, addr: str | None = None, headers: dict[str, str] | None = None
+    ) -> Node:
         addr = addr or self.next_addr()
         sock = None
         if rcvbuf is not None:  # a small receive buffer: the kernel cannot hide a stalled reader
@@ -570,11 +599,10 @@ class Gw:
 @contextlib.asynccontextmanager
 async def running(settings: Settings, app: Any = None, prefix: str = "") -> AsyncIterator[Gw]:
     app = app or gw.create_app(settings)
-    async with serve(app, settings) as addr:
-        async with httpx.AsyncClient(base_url=f"http://{addr}", timeout=TIMEOUT) as http:
-            g = Gw([addr], http, prefix)
-            async with g.stack:
-                yield g
+    async with serve(app, settings) as addr, httpx.AsyncClient(base_url=f"http://{addr}", timeout=TIMEOUT) as http:
+        g = Gw([addr], http, prefix)
+        async with g.stack:
+            yield g
 
 
 class RedisServer:
@@ -618,7 +646,9 @@ async def redis_server(folder: Path) -> AsyncIterator[RedisServer]:
 
 
 @contextlib.asynccontextmanager
-async def cluster(tmp_path: Path, size: int = 3, **env: str) -> AsyncIterator[tuple[Gw, RedisServer, list[subprocess.Popen[bytes]]]]:
+async def cluster(
+    tmp_path: Path, size: int = 3, **env: str
+) -> AsyncIterator[tuple[Gw, RedisServer, list[subprocess.Popen[bytes]]]]:
     """`size` gateway processes sharing one real redis-server."""
     async with redis_server(tmp_path) as redis, contextlib.AsyncExitStack() as stack:
         env = {"REDIS_URL": redis.url, "PRESENCE_TTL_S": "2", "RATE_LIMIT_PER_MIN": "100000"} | env
@@ -712,8 +742,12 @@ async def test_register_rejects_bad_json_and_big_bodies(g: Gw) -> None:
 
 async def test_unregister(g: Gw) -> None:
     node = await g.node("gone")
-    assert (await g.http.request("DELETE", "/register", json={"meshId": "gone", "secret": "wrong-secret"})).status_code == 403
-    assert (await g.http.request("DELETE", "/register", json={"meshId": "nobody", "secret": "whatever1"})).status_code == 404
+    assert (
+        await g.http.request("DELETE", "/register", json={"meshId": "gone", "secret": "wrong-secret"})
+    ).status_code == 403
+    assert (
+        await g.http.request("DELETE", "/register", json={"meshId": "nobody", "secret": "whatever1"})
+    ).status_code == 404
     assert (await g.http.request("DELETE", "/register", json={"meshId": "gone"})).status_code == 400
     assert (await g.http.request("DELETE", "/register", content=b"[]")).status_code == 400
     ok = await g.http.request("DELETE", "/register", json={"meshId": "gone", "secret": "secret-gone"})
@@ -730,7 +764,9 @@ async def test_closed_registration_with_admin_token(tmp_path: Path) -> None:
     async with running(make_settings(tmp_path, gateway_admin_token="t0ken")) as g:
         assert (await g.register("a")).status_code == 401
         bad = {"authorization": "Bearer wrong"}
-        assert (await g.http.post("/register", json={"meshId": "a", "secret": "12345678", "name": "A"}, headers=bad)).status_code == 401
+        assert (
+            await g.http.post("/register", json={"meshId": "a", "secret": "12345678", "name": "A"}, headers=bad)
+        ).status_code == 401
         admin = {"authorization": "Bearer t0ken"}
         body = {"meshId": "a", "secret": "first-secret", "name": "A"}
         assert (await g.http.post("/register", json=body, headers=admin)).json() == {"ok": True, "created": True}
@@ -740,7 +776,9 @@ async def test_closed_registration_with_admin_token(tmp_path: Path) -> None:
         await node.send(type="gateway_auth", meshId="a", secret="second-secret")
         await node.expect("gateway_auth_ok", name="A2")
         # a mesh may always delete itself; the admin may delete any mesh without its secret
-        assert (await g.http.request("DELETE", "/register", json={"meshId": "a", "secret": "second-secret"})).status_code == 200
+        assert (
+            await g.http.request("DELETE", "/register", json={"meshId": "a", "secret": "second-secret"})
+        ).status_code == 200
         await g.http.post("/register", json={"meshId": "b", "secret": "b-secret-1", "name": "B"}, headers=admin)
         assert (await g.http.request("DELETE", "/register", json={"meshId": "b"}, headers=admin)).status_code == 200
 
@@ -839,13 +877,17 @@ def normalize(frame: Any, names: dict[str, str]) -> Any:
 async def test_replays_real_node_session(g: Gw) -> None:
     """Replay node-session.jsonl: every gw->node frame must come back the same."""
     lines = [json.loads(line) for line in FIXTURE.read_text().splitlines() if line.strip()]
-    auths = {ln["conn"]: ln["frame"] for ln in lines if ln["dir"] == "node->gw" and ln["frame"]["type"] == "gateway_auth"}
+    auths = {
+        ln["conn"]: ln["frame"] for ln in lines if ln["dir"] == "node->gw" and ln["frame"]["type"] == "gateway_auth"
+    }
     names: dict[str, str] = {}
     oks = [ln["frame"] for ln in lines if ln["dir"] == "gw->node" and ln["frame"]["type"] == "gateway_auth_ok"]
     for conn, ok in zip((1, 2), oks):
         names[ok["meshId"]] = f"mesh-{conn}"
         names[ok["name"]] = f"Mesh mesh-{conn}"
-        assert (await g.register(f"mesh-{conn}", secret=auths[conn]["secret"], name=f"Mesh mesh-{conn}")).status_code == 200
+        assert (
+            await g.register(f"mesh-{conn}", secret=auths[conn]["secret"], name=f"Mesh mesh-{conn}")
+        ).status_code == 200
     nodes: dict[int, Node] = {}
     for line in lines:
         conn = line["conn"]
@@ -1057,7 +1099,13 @@ def client_frame(opcode: int, payload: bytes, *, fin: bool = True, length: int |
     """A masked client frame; `length` may announce more than is sent."""
     n = len(payload) if length is None else length
     head = bytes([(0x80 if fin else 0) | opcode])
-    head += bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big") if n < 65536 else bytes([0x80 | 127]) + n.to_bytes(8, "big")
+    head += (
+        bytes([0x80 | n])
+        if n < 126
+        else bytes([0x80 | 126]) + n.to_bytes(2, "big")
+        if n < 65536
+        else bytes([0x80 | 127]) + n.to_bytes(8, "big")
+    )
     mask = os.urandom(4)
     return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
@@ -1102,7 +1150,9 @@ async def test_a_new_mesh_joins_5000_meshes_with_25_participants_each(tmp_path: 
     async with running(settings, app) as g:
         people = [gw.Participant(f"user-{i:02d}", f"Person number {i}", "user") for i in range(25)]
         for n in range(5000):
-            gateway.hub._put(gw.Presence(f"far-{n}", f"Far {n}", node="elsewhere", conn=f"c{n}", claimed_ns=n, participants=people))
+            gateway.hub._put(
+                gw.Presence(f"far-{n}", f"Far {n}", node="elsewhere", conn=f"c{n}", claimed_ns=n, participants=people)
+            )
         assert (await g.register("late")).status_code == 200
         late = await g.connect()
         await late.send(type="gateway_auth", meshId="late", secret="secret-late")
@@ -1151,7 +1201,9 @@ async def test_a_big_message_before_auth_closes_1009(tmp_path: Path) -> None:
         await node.send(type="gateway_auth", meshId="x", secret="y" * 17_000)  # over 16 KiB, under WS_MAX_BYTES
         assert (await node.closed()).code == 1009
         ok = await g.node("legit")
-        await ok.send(type="gateway_relay", targetMeshId="legit", payload={"type": "m", "message": "z" * 20_000}, id="big")
+        await ok.send(
+            type="gateway_relay", targetMeshId="legit", payload={"type": "m", "message": "z" * 20_000}, id="big"
+        )
         await ok.expect("gateway_incoming")  # after auth, big messages are fine
 
 
@@ -1161,7 +1213,7 @@ async def test_unfinished_frames_before_auth_cost_at_most_16_kib(tmp_path: Path)
         for _ in range(300):  # each starts a 1 MiB frame and sends 20 KiB of it
             reader, writer, response = await raw_upgrade(addr)
             assert b" 101 " in response
-            writer.write(client_frame(1, b"x" * 20_000, length=1 << 20)[: 20_014])
+            writer.write(client_frame(1, b"x" * 20_000, length=1 << 20)[:20_014])
             sockets.append((reader, writer))
         for reader, _ in sockets:
             assert await closed_by_server(reader)  # at 16 KiB, not 1 MiB
@@ -1222,7 +1274,9 @@ async def test_http_headers_and_slow_bodies_are_bounded(tmp_path: Path) -> None:
         assert (await g.http.get("/health")).status_code == 200
         host, port = g.addr.split(":")
         reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(b"POST /register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"mesh")
+        writer.write(
+            b'POST /register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"mesh'
+        )
         async with asyncio.timeout(TIMEOUT):
             status = await reader.readline()
         assert b" 408 " in status
@@ -1279,9 +1333,18 @@ async def test_registrations_are_limited_per_ip_and_in_all(tmp_path: Path) -> No
         limited = await g.register("r3")
         assert limited.status_code == 429 and "retry-after" in limited.headers
     (tmp_path / "closed").mkdir()
-    async with running(make_settings(tmp_path / "closed", gateway_admin_token="t", register_per_min=1, max_meshes=3)) as g:
+    async with running(
+        make_settings(tmp_path / "closed", gateway_admin_token="t", register_per_min=1, max_meshes=3)
+    ) as g:
         admin = {"Authorization": "Bearer t"}
-        codes = [(await g.http.post("/register", json={"meshId": f"x{i}", "secret": "secret-x", "name": "X"}, headers=admin)).status_code for i in range(4)]
+        codes = [
+            (
+                await g.http.post(
+                    "/register", json={"meshId": f"x{i}", "secret": "secret-x", "name": "X"}, headers=admin
+                )
+            ).status_code
+            for i in range(4)
+        ]
         assert codes == [200, 200, 200, 507]  # the bearer is never rate limited; the registry is full
         full = await g.http.post("/register", json={"meshId": "x9", "secret": "secret-x", "name": "X"}, headers=admin)
         assert full.json() == {"error": "registry full"}
@@ -1291,7 +1354,9 @@ async def test_the_client_ip_comes_from_trusted_proxies_only(tmp_path: Path) -> 
     for trusted, throttled in (("127.0.0.1", False), ("", True)):
         folder = tmp_path / (trusted or "none")
         folder.mkdir()
-        async with running(make_settings(folder, auth_failures_per_min=2, forwarded_allow_ips=trusted or "10.255.255.255")) as g:
+        async with running(
+            make_settings(folder, auth_failures_per_min=2, forwarded_allow_ips=trusted or "10.255.255.255")
+        ) as g:
             for n in range(3):
                 await g.register(f"victim-{n}")
             results = []
@@ -1318,8 +1383,12 @@ async def test_identities_that_look_like_others_are_refused(tmp_path: Path, body
     async with running(make_settings(tmp_path)) as g:
         response = await g.http.post("/register", json=body)
         assert response.status_code == 400 and needle in response.json()["error"]
-        assert (await g.http.post("/register", json={"meshId": "Victim", "secret": "secret-123", "name": "Ünïcødé 名"})).status_code == 200
-        assert (await g.http.post("/register", json={"meshId": "victim", "secret": "secret-456", "name": "v"})).status_code == 200  # case matters
+        assert (
+            await g.http.post("/register", json={"meshId": "Victim", "secret": "secret-123", "name": "Ünïcødé 名"})
+        ).status_code == 200
+        assert (
+            await g.http.post("/register", json={"meshId": "victim", "secret": "secret-456", "name": "v"})
+        ).status_code == 200  # case matters
 
 
 async def test_the_file_descriptor_limit_is_raised(tmp_path: Path) -> None:
@@ -1330,7 +1399,9 @@ async def test_the_file_descriptor_limit_is_raised(tmp_path: Path) -> None:
         pytest.skip("hard limit too low to test")
     env = os.environ | {"PORT": str(free_port()), "HOST": "127.0.0.1", "DB_PATH": str(tmp_path / "gateway.db")}
     proc = subprocess.Popen(
-        [sys.executable, str(HERE / "gateway.py")], env=env, stderr=subprocess.PIPE,
+        [sys.executable, str(HERE / "gateway.py")],
+        env=env,
+        stderr=subprocess.PIPE,
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)),
     )
     try:
@@ -1581,7 +1652,9 @@ async def test_relay_to_an_away_mesh_is_kept_and_delivered_once_in_order(tmp_pat
         assert health["away"] == 0
 
 
-async def test_nothing_is_written_per_frame_while_everyone_is_connected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_nothing_is_written_per_frame_while_everyone_is_connected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     jobs: list[str] = []
     real = gw.SqliteStore.call
 
@@ -1672,7 +1745,9 @@ async def test_total_bytes_bound_drops_from_the_fullest_mailbox(tmp_path: Path) 
         await away(g, "small")
         await relay_all(a, "small", range(1), delivered=0, queued=1)
         for n in range(40):  # ~300 B each: 12,000 B in all, twice the bound
-            await a.send(type="gateway_relay", targetMeshId="big", payload={"type": f"m{n}", "message": "x" * 200}, id=f"p{n}")
+            await a.send(
+                type="gateway_relay", targetMeshId="big", payload={"type": f"m{n}", "message": "x" * 200}, id=f"p{n}"
+            )
             await a.expect("gateway_ack", id=f"p{n}", queued=1)
         assert (await g.http.get("/health")).json()["queued"] <= 21
         _, kept = await returning(g, "small", 1)  # the small mailbox was not touched
@@ -1854,13 +1929,17 @@ class Model:
 
 @st.composite
 def scenarios(draw: st.DrawFn) -> list[tuple[str, int, int]]:
-    ops = st.tuples(st.sampled_from(["connect", "close", "kill", "relay", "broadcast"]), st.integers(0, 3), st.integers(0, 3))
+    ops = st.tuples(
+        st.sampled_from(["connect", "close", "kill", "relay", "broadcast"]), st.integers(0, 3), st.integers(0, 3)
+    )
     return draw(st.lists(ops, min_size=5, max_size=25))
 
 
 @hyp_settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(steps=scenarios())
-async def test_random_comings_and_goings_deliver_each_frame_once_in_order(tmp_path: Path, steps: list[tuple[str, int, int]]) -> None:
+async def test_random_comings_and_goings_deliver_each_frame_once_in_order(
+    tmp_path: Path, steps: list[tuple[str, int, int]]
+) -> None:
     run = uuid.uuid4().hex[:8]
     names = [f"{run}-{i}" for i in range(4)]
     folder = tmp_path / run  # one gateway per example
@@ -1903,7 +1982,9 @@ async def test_random_comings_and_goings_deliver_each_frame_once_in_order(tmp_pa
             elif op in ("relay", "broadcast") and m in nodes:
                 sender = nodes[m]
                 if op == "relay":
-                    await sender.send(type="gateway_relay", targetMeshId=other, payload={"type": "m", "message": f"s{n}"}, id=f"s{n}")
+                    await sender.send(
+                        type="gateway_relay", targetMeshId=other, payload={"type": "m", "message": f"s{n}"}, id=f"s{n}"
+                    )
                     targets = [other] if other in model.known else []
                 else:
                     await sender.send(type="gateway_broadcast", payload={"type": "m", "message": f"s{n}"}, id=f"s{n}")
@@ -1922,8 +2003,6 @@ async def test_random_comings_and_goings_deliver_each_frame_once_in_order(tmp_pa
             assert contents(handled[m] + node.handled) == model.expected[m], m
 
 
-
-
 # --- Hypothesis: random and mutated frames never hurt anyone else ------------------
 
 VALID_FRAMES = [
@@ -1934,6 +2013,8 @@ VALID_FRAMES = [
     {"type": "gateway_update_rooms", "publicRooms": ["a"]},
     {"type": "gateway_auth", "meshId": "fuzz", "secret": "secret-fuzz"},
 ]
+
+
 def json_containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
 
@@ -2036,15 +2117,21 @@ def free_port() -> int:
 async def process(tmp_path: Path, **env: str) -> AsyncIterator[tuple[subprocess.Popen[bytes], str]]:
     """`python gateway.py` as users run it; yields the process and host:port once /health answers."""
     port = free_port()
-    full_env = os.environ | {
-        "PORT": str(port),
-        "HOST": "127.0.0.1",
-        "REGISTRY_PATH": str(tmp_path / "registry.json"),
-        "DB_PATH": str(tmp_path / "gateway.db"),
-        "REGISTER_PER_MIN": "100000",  # one test client registers many meshes
-    } | env
+    full_env = (
+        os.environ
+        | {
+            "PORT": str(port),
+            "HOST": "127.0.0.1",
+            "REGISTRY_PATH": str(tmp_path / "registry.json"),
+            "DB_PATH": str(tmp_path / "gateway.db"),
+            "REGISTER_PER_MIN": "100000",  # one test client registers many meshes
+        }
+        | env
+    )
     log_file = open(tmp_path / f"gateway-{port}.log", "wb")
-    proc = subprocess.Popen([sys.executable, str(HERE / "gateway.py")], env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "gateway.py")], env=full_env, stdout=log_file, stderr=subprocess.STDOUT
+    )
     try:
         async with httpx.AsyncClient(timeout=1) as http, asyncio.timeout(15):
             while True:
@@ -2079,51 +2166,47 @@ async def test_sigterm_closes_1012_and_exits(tmp_path: Path) -> None:
 async def test_sigterm_confirms_stores_then_closes_1012(tmp_path: Path) -> None:
     """SIGTERM: what a node confirms in the last 2 s is not sent again; the rest is stored; then 1012."""
     env = {"CONFIRM_INTERVAL_S": "30", "RATE_LIMIT_PER_MIN": "100000"}  # only the shutdown asks for confirmations
-    async with process(tmp_path, **env) as (proc, addr):
-        async with httpx.AsyncClient(base_url=f"http://{addr}") as http:
-            g = Gw([addr], http)
-            async with g.stack:
-                a, confirming = await g.node("a"), await g.node("c")
-                assert (await g.register("b")).status_code == 200
-                silent = await RawNode.open(g)
-                await silent.auth("b")
-                silent.hold()  # never answers
-                await relay_all(a, "b", range(3), delivered=1)
-                await relay_all(a, "c", range(3), delivered=1)
-                assert contents([await confirming.expect("gateway_incoming") for _ in range(3)]) == [0, 1, 2]
-                proc.send_signal(signal.SIGTERM)
-                assert (await confirming.closed()).code == 1012
-                assert await silent.closed == 1012
-                async with asyncio.timeout(10):
-                    while proc.poll() is None:
-                        await asyncio.sleep(0.05)
-    async with process(tmp_path, **env) as (proc, addr):
-        async with httpx.AsyncClient(base_url=f"http://{addr}") as http:
-            g = Gw([addr], http)
-            async with g.stack:
-                _, kept = await returning(g, "b", 3)
-                assert contents(kept) == [0, 1, 2]
-                c, _ = await returning(g, "c", 0)
-                await c.quiet()  # confirmed before the 1012: never sent again
+    async with process(tmp_path, **env) as (proc, addr), httpx.AsyncClient(base_url=f"http://{addr}") as http:
+        g = Gw([addr], http)
+        async with g.stack:
+            a, confirming = await g.node("a"), await g.node("c")
+            assert (await g.register("b")).status_code == 200
+            silent = await RawNode.open(g)
+            await silent.auth("b")
+            silent.hold()  # never answers
+            await relay_all(a, "b", range(3), delivered=1)
+            await relay_all(a, "c", range(3), delivered=1)
+            assert contents([await confirming.expect("gateway_incoming") for _ in range(3)]) == [0, 1, 2]
+            proc.send_signal(signal.SIGTERM)
+            assert (await confirming.closed()).code == 1012
+            assert await silent.closed == 1012
+            async with asyncio.timeout(10):
+                while proc.poll() is None:
+                    await asyncio.sleep(0.05)
+    async with process(tmp_path, **env) as (proc, addr), httpx.AsyncClient(base_url=f"http://{addr}") as http:
+        g = Gw([addr], http)
+        async with g.stack:
+            _, kept = await returning(g, "b", 3)
+            assert contents(kept) == [0, 1, 2]
+            c, _ = await returning(g, "c", 0)
+            await c.quiet()  # confirmed before the 1012: never sent again
 
 
 async def test_sigkill_keeps_what_was_stored(tmp_path: Path) -> None:
-    async with process(tmp_path) as (proc, addr):
-        async with httpx.AsyncClient(base_url=f"http://{addr}") as http:
-            g = Gw([addr], http)
-            async with g.stack:
-                a = await g.node("a")
-                await away(g, "b")
-                await relay_all(a, "b", range(10), queued=1)  # acked: on disk
-                proc.kill()
-    async with process(tmp_path) as (proc, addr):
-        async with httpx.AsyncClient(base_url=f"http://{addr}") as http:
-            g = Gw([addr], http)
-            async with g.stack:
-                assert (await g.http.get("/health")).json()["queued"] == 10
-                back, kept = await returning(g, "b", 10)
-                assert contents(kept) == list(range(10))
-                await back.quiet()
+    async with process(tmp_path) as (proc, addr), httpx.AsyncClient(base_url=f"http://{addr}") as http:
+        g = Gw([addr], http)
+        async with g.stack:
+            a = await g.node("a")
+            await away(g, "b")
+            await relay_all(a, "b", range(10), queued=1)  # acked: on disk
+            proc.kill()
+    async with process(tmp_path) as (proc, addr), httpx.AsyncClient(base_url=f"http://{addr}") as http:
+        g = Gw([addr], http)
+        async with g.stack:
+            assert (await g.http.get("/health")).json()["queued"] == 10
+            back, kept = await returning(g, "b", 10)
+            assert contents(kept) == list(range(10))
+            await back.quiet()
 
 
 async def test_sigkill_repeats_at_most_the_last_confirm_interval(tmp_path: Path) -> None:
@@ -2147,19 +2230,20 @@ async def test_sigkill_repeats_at_most_the_last_confirm_interval(tmp_path: Path)
                 await relay_all(a, "b", range(6, 8), delivered=1)  # sent, never confirmed
                 assert contents([await b.expect("gateway_incoming") for _ in range(2)]) == [6, 7]
                 proc.kill()
-    async with process(tmp_path) as (proc, addr):
-        async with httpx.AsyncClient(base_url=f"http://{addr}") as http:
-            g = Gw([addr], http)
-            async with g.stack:
-                back = await g.connect()
-                await back.send(type="gateway_auth", meshId="b", secret="secret-b")
-                await back.expect("gateway_auth_ok")
-                await back.quiet()  # 0..5 were confirmed: not again (6, 7 were live, in memory: lost with it)
+    async with process(tmp_path) as (proc, addr), httpx.AsyncClient(base_url=f"http://{addr}") as http:
+        g = Gw([addr], http)
+        async with g.stack:
+            back = await g.connect()
+            await back.send(type="gateway_auth", meshId="b", secret="secret-b")
+            await back.expect("gateway_auth_ok")
+            await back.quiet()  # 0..5 were confirmed: not again (6, 7 were live, in memory: lost with it)
 
 
 def test_bad_setting_stops_startup_with_one_line(tmp_path: Path) -> None:
     env = os.environ | {"RATE_LIMIT_PER_MIN": "lots", "REGISTRY_PATH": str(tmp_path / "r.json")}
-    result = subprocess.run([sys.executable, str(HERE / "gateway.py")], env=env, capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, str(HERE / "gateway.py")], env=env, capture_output=True, text=True, timeout=30
+    )
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [
         "invalid setting RATE_LIMIT_PER_MIN='lots': Expected `int`, got `str` - at `$.RATE_LIMIT_PER_MIN`"
@@ -2224,7 +2308,9 @@ async def test_registry_survives_sigkill_mid_write(tmp_path: Path) -> None:
 )
 def test_bad_start_ups_stop_with_one_line_and_never_say_ready(tmp_path: Path, env: dict[str, str], needle: str) -> None:
     full = os.environ | {"PORT": str(free_port()), "DB_PATH": str(tmp_path / "gateway.db")} | env
-    result = subprocess.run([sys.executable, str(HERE / "gateway.py")], env=full, capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, str(HERE / "gateway.py")], env=full, capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], result.stderr
@@ -2236,14 +2322,20 @@ def test_a_taken_port_stops_start_up_with_one_line(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         env = os.environ | {"HOST": "127.0.0.1", "PORT": str(taken.getsockname()[1]), "DB_PATH": str(tmp_path / "g.db")}
-        result = subprocess.run([sys.executable, str(HERE / "gateway.py")], env=env, capture_output=True, text=True, timeout=30)
+        result = subprocess.run(
+            [sys.executable, str(HERE / "gateway.py")], env=env, capture_output=True, text=True, timeout=30
+        )
     assert result.returncode == 1 and result.stderr.strip().startswith("cannot listen on HOST='127.0.0.1'")
 
 
 def test_version_and_help() -> None:
-    version = subprocess.run([sys.executable, str(HERE / "gateway.py"), "--version"], capture_output=True, text=True, timeout=30)
+    version = subprocess.run(
+        [sys.executable, str(HERE / "gateway.py"), "--version"], capture_output=True, text=True, timeout=30
+    )
     assert version.stdout.strip() == f"mesh-gateway {gw.VERSION}"
-    shown = subprocess.run([sys.executable, str(HERE / "gateway.py"), "--help"], capture_output=True, text=True, timeout=30).stdout
+    shown = subprocess.run(
+        [sys.executable, str(HERE / "gateway.py"), "--help"], capture_output=True, text=True, timeout=30
+    ).stdout
     for name in Settings.__struct_fields__:
         assert name.upper() in shown
     assert "OFFLINE_TTL_S            86400" in shown
@@ -2262,24 +2354,27 @@ def test_python_gateway_py_loads_the_module_once() -> None:
 
 
 async def test_sigterm_drains_health_before_closing(tmp_path: Path) -> None:
-    async with process(tmp_path) as (proc, addr):
-        async with httpx.AsyncClient(base_url=f"http://{addr}") as http:
-            g = Gw([addr], http)
-            async with g.stack:
-                a = await g.node("a")
-                proc.send_signal(signal.SIGTERM)
-                async with asyncio.timeout(TIMEOUT):  # a load balancer sees 503 before the 1012
-                    while (health := await http.get("/health")).status_code != 503:
-                        await asyncio.sleep(0.01)
-                assert health.json()["draining"] is True and health.json()["ok"] is False
-                assert (await a.closed()).code == 1012
+    async with process(tmp_path) as (proc, addr), httpx.AsyncClient(base_url=f"http://{addr}") as http:
+        g = Gw([addr], http)
+        async with g.stack:
+            a = await g.node("a")
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(TIMEOUT):  # a load balancer sees 503 before the 1012
+                while (health := await http.get("/health")).status_code != 503:
+                    await asyncio.sleep(0.01)
+            assert health.json()["draining"] is True and health.json()["ok"] is False
+            assert (await a.closed()).code == 1012
 
 
 async def test_admin_lists_meshes(tmp_path: Path) -> None:
     async with running(offline_settings(tmp_path, gateway_admin_token="tok")) as g:
         admin = {"Authorization": "Bearer tok"}
         for m in ("a", "b", "c"):
-            assert (await g.http.post("/register", json={"meshId": m, "secret": f"secret-{m}", "name": f"Mesh {m}"}, headers=admin)).status_code == 200
+            assert (
+                await g.http.post(
+                    "/register", json={"meshId": m, "secret": f"secret-{m}", "name": f"Mesh {m}"}, headers=admin
+                )
+            ).status_code == 200
         node = await g.connect()
         await node.send(type="gateway_auth", meshId="a", secret="secret-a")
         await node.expect("gateway_auth_ok")
@@ -2481,8 +2576,12 @@ async def test_redis_outage_is_never_silent_and_recovers(tmp_path: Path) -> None
         await node.send(type="gateway_auth", meshId="a", secret="secret-a")
         await node.expect("gateway_auth_error", message="Service unavailable")
         assert (await node.closed()).code == 1013
-        assert (await g.http.post(f"http://{p1}/register", json={"meshId": "n", "secret": "12345678", "name": "N"})).status_code == 503
-        assert (await g.http.request("DELETE", f"http://{p1}/register", json={"meshId": "a", "secret": "secret-a"})).status_code == 503
+        assert (
+            await g.http.post(f"http://{p1}/register", json={"meshId": "n", "secret": "12345678", "name": "N"})
+        ).status_code == 503
+        assert (
+            await g.http.request("DELETE", f"http://{p1}/register", json={"meshId": "a", "secret": "secret-a"})
+        ).status_code == 503
         await b.quiet()  # nothing reached b
         # Redis comes back (its append-only file keeps the registry): routing resumes by itself
         await redis.start()
@@ -2526,7 +2625,9 @@ async def test_registry_file_is_imported_once(tmp_path: Path) -> None:
                     node = await g.connect(addr=p1)
                     await node.send(type="gateway_auth", meshId="old1", secret="node-secret-1")
                     await node.expect("gateway_auth_ok", meshId="old1", name="OLD1")
-                    gone = await http.request("DELETE", f"http://{p0}/register", json={"meshId": "old2", "secret": "node-secret-1"})
+                    gone = await http.request(
+                        "DELETE", f"http://{p0}/register", json={"meshId": "old2", "secret": "node-secret-1"}
+                    )
                     assert gone.status_code == 200
         async with process(tmp_path, **env) as (_, p2):  # a restart must not bring old2 back
             async with httpx.AsyncClient(timeout=TIMEOUT) as http:
@@ -2547,7 +2648,9 @@ async def test_database_registry_moves_into_redis_once(tmp_path: Path) -> None:
             g = Gw([addr], http)
             async with g.stack:
                 await g.node("solo")  # its registration came along (register() again is a harmless 200)
-                gone = await http.request("DELETE", f"http://{addr}/register", json={"meshId": "gone", "secret": "secret-gone"})
+                gone = await http.request(
+                    "DELETE", f"http://{addr}/register", json={"meshId": "gone", "secret": "secret-gone"}
+                )
                 assert gone.status_code == 200
         async with process(tmp_path, **env) as (_, addr), httpx.AsyncClient(timeout=TIMEOUT) as http:
             g = Gw([addr], http)
@@ -2574,12 +2677,19 @@ async def test_thousand_meshes_over_three_processes(tmp_path: Path) -> None:
 
         nodes: list[Node] = []
         for start in range(0, count, 100):
-            nodes += await asyncio.gather(*(join(m, g.addrs[i % 3]) for i, m in enumerate(ids[start : start + 100], start)))
+            nodes += await asyncio.gather(
+                *(join(m, g.addrs[i % 3]) for i, m in enumerate(ids[start : start + 100], start))
+            )
         await g.agree()
         assert len(await nodes[0].discover()) == count
         # a ring of relays, each to a mesh on another process
-        await asyncio.gather(*(n.send(type="gateway_relay", targetMeshId=ids[(i + 1) % count], payload=MESSAGE, id=f"r{i}")
-                               for i, n in enumerate(nodes)))
+        await asyncio.gather(
+            *(
+                n.send(type="gateway_relay", targetMeshId=ids[(i + 1) % count], payload=MESSAGE, id=f"r{i}")
+                for i, n in enumerate(nodes)
+            )
+        )
+
         async def two(node: Node) -> dict[str, dict[str, Any]]:  # its ack and its incoming, in either order
             frames = [await node.recv(), await node.recv()]
             return {f["type"]: f for f in frames}
@@ -2616,7 +2726,9 @@ def test_unreadable_registry_file_is_refused_and_kept(tmp_path: Path) -> None:
     path = tmp_path / "registry.json"
     path.write_text('[{"meshId": "a", "secretHash": ')
     env = os.environ | {"REGISTRY_PATH": str(path), "DB_PATH": str(tmp_path / "gateway.db"), "PORT": str(free_port())}
-    result = subprocess.run([sys.executable, str(HERE / "gateway.py")], env=env, capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, str(HERE / "gateway.py")], env=env, capture_output=True, text=True, timeout=30
+    )
     assert result.returncode != 0 and "unreadable" in result.stderr
     assert path.read_text() == '[{"meshId": "a", "secretHash": '
 
@@ -2644,16 +2756,25 @@ async def test_hashing_workers_exit_with_a_killed_gateway(tmp_path: Path) -> Non
         assert workers  # the hashing processes (and multiprocessing's tracker)
         proc.kill()
     async with asyncio.timeout(TIMEOUT):
-        while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2] for pid in workers):
+        while any(
+            Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+            for pid in workers
+        ):
             await asyncio.sleep(0.1)
 
 
 async def test_registry_file_is_imported_once_per_content(tmp_path: Path) -> None:
     path = tmp_path / "registry.json"
     digest = hashlib.sha256(b"node-secret-1").hexdigest()
-    path.write_text(json.dumps([{"meshId": "a", "secretHash": digest, "name": "A"}, {"meshId": "b", "secretHash": digest, "name": "B"}]))
+    path.write_text(
+        json.dumps(
+            [{"meshId": "a", "secretHash": digest, "name": "A"}, {"meshId": "b", "secretHash": digest, "name": "B"}]
+        )
+    )
     async with running(make_settings(tmp_path)) as g:
-        assert (await g.http.request("DELETE", "/register", json={"meshId": "a", "secret": "node-secret-1"})).status_code == 200
+        assert (
+            await g.http.request("DELETE", "/register", json={"meshId": "a", "secret": "node-secret-1"})
+        ).status_code == 200
     async with running(make_settings(tmp_path)):  # the same file again: the deleted mesh stays deleted
         assert set(stored_meshes(tmp_path)) == {"b"}
     path.write_text(json.dumps([{"meshId": "c", "secretHash": digest, "name": "C"}]))

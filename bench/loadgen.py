@@ -28,7 +28,6 @@ from typing import Any
 
 import msgspec
 import uvloop
-
 from wsclient import OP_TEXT, HttpClient, UpgradeRefused, WsClient, mask, ws_connect
 
 log = logging.getLogger("loadgen")

@@ -38,10 +38,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # runnable as a script and importable
 
-import uvloop  # noqa: E402
-
-from scenarios import FULL, QUICK, SCENARIOS, Context, Outcome, seed_key, seed_registry  # noqa: E402
-from servers import BENCH_DIR, PYTHON, ClusterSpec, ServerSpec, Spec, busy_seconds  # noqa: E402
+import uvloop
+from scenarios import FULL, QUICK, SCENARIOS, Context, Outcome, seed_key, seed_registry
+from servers import BENCH_DIR, PYTHON, ClusterSpec, ServerSpec, Spec, busy_seconds
 
 log = logging.getLogger("bench")
 REPO = BENCH_DIR.parent
@@ -256,6 +255,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
             "failed_runs": {k: failed.count(k) for k in labels},
         }
         for metric in [*metrics, "server_cpu_pct", "loadgen_cpu_pct", "other_cpu_pct"]:
+
             def value(r: dict[str, Any]) -> float:
                 return r[metric] if metric.endswith("cpu_pct") else r["metrics"].get(metric, float("nan"))
 
@@ -271,8 +271,10 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
 def fmt(s: dict[str, float] | None) -> str:
     if s is None:
         return "failed"
+
     def num(v: float) -> str:
         return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
     return num(s["median"]) if s["n"] == 1 else f"{num(s['median'])} ({num(s['min'])}–{num(s['max'])})"
 
 
@@ -587,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("aborted; logs kept in %s", tmp)
         raise
     report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": start_commit, "machine": machine(),
         "gateway_versions": sorted({r["source_sha"] for r in records if r["kind"] != "ceiling"}),
         "runs": args.runs, "quick": args.quick, "ws": args.ws,
