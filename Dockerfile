@@ -23,7 +23,7 @@ RUN groupadd --system --gid 10001 gateway \
  && mkdir /data \
  && chown gateway:gateway /data
 
-COPY gateway.py ./
+COPY gateway.py gateway_redis.py ./
 
 # State: the SQLite database (registry + offline mailboxes) lives on the volume; a Node gateway's
 # registry.json dropped into the volume is imported at start-up. With REDIS_URL the state is in Redis.

@@ -199,7 +199,7 @@ def test_dockerfile_runs_the_gateway_as_a_non_root_user() -> None:
     assert re.search(rf"useradd\b.*\b{re.escape(users[-1])}\b", runs), "the user is created in the image"
     assert "pip install --no-cache-dir -r requirements.txt" in runs
     copied = " ".join(rest for word, rest in steps if word == "COPY")
-    assert "requirements.txt" in copied and "gateway.py" in copied
+    assert "requirements.txt" in copied and "gateway.py" in copied and "gateway_redis.py" in copied
     assert [exec_form(rest) for word, rest in steps if word == "CMD"] == [["python", "gateway.py"]]
     assert [rest for word, rest in steps if word == "EXPOSE"] == [str(GATEWAY_PORT)]
 
@@ -248,7 +248,7 @@ def test_pyproject_installs_gateway_with_the_runtime_requirements() -> None:
     project = pyproject["project"]
     runtime = [line.split("#")[0].strip() for line in (HERE / "requirements.txt").read_text().splitlines()]
     assert sorted(project["dependencies"]) == sorted(line for line in runtime if line)
-    assert pyproject["tool"]["setuptools"]["py-modules"] == ["gateway"]
+    assert pyproject["tool"]["setuptools"]["py-modules"] == ["gateway", "gateway_redis"]
     assert "setuptools" in " ".join(pyproject["build-system"]["requires"])
     if (version := getattr(gw, "VERSION", None)) is not None:  # `python gateway.py --version`
         assert project["version"] == version

@@ -40,6 +40,7 @@ from websockets.client import ClientProtocol
 from websockets.uri import parse_uri
 
 import gateway as gw
+import gateway_redis
 from gateway import Settings
 
 HERE = Path(__file__).parent
@@ -2846,8 +2847,8 @@ async def test_moved_mesh_leaves_no_presence_behind(tmp_path: Path) -> None:
         try:
             async with asyncio.timeout(TIMEOUT):
                 while True:
-                    nodes = await client.smembers(gw.KEY_NODES)
-                    holders = [n for n in nodes if await client.hexists(gw.KEY_PRESENCE + n.decode(), "a")]
+                    nodes = await client.smembers(gateway_redis.KEY_NODES)
+                    holders = [n for n in nodes if await client.hexists(gateway_redis.KEY_PRESENCE + n.decode(), "a")]
                     if not holders:
                         break
                     await asyncio.sleep(0.05)

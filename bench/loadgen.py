@@ -414,8 +414,8 @@ class KeepRole(Role):
 
     Job: `away` (target mesh ids, made away in setup), `senders` (mesh ids; target i belongs to sender
     i mod len(senders), so each target's frames come from one socket, in order), `per_target` relays each,
-    `window` unanswered relays per sender, `frame_bytes` per relay frame (default: the ~300 B payload). Relay n (1-based) to a
-    target carries sequence n, so the catch-up can check order and exactly-once."""
+    `window` unanswered relays per sender, `frame_bytes` per relay frame (default: the ~300 B payload).
+    Relay n (1-based) to a target carries sequence n, so the catch-up can check order and exactly-once."""
 
     async def setup(self) -> None:
         # Payload text sized so that each relay frame is about `frame_bytes` on the wire.
@@ -749,7 +749,7 @@ class ProbeRole(Role):
             await asyncio.sleep(max(0.0, start + i * interval - time.monotonic()))
             tasks.append(asyncio.get_running_loop().create_task(self.one(mesh)))
         await asyncio.gather(*tasks)
-        pairs = sorted(zip(self.starts, self.samples))  # in start order
+        pairs = sorted(zip(self.starts, self.samples, strict=False))  # in start order (samples stop at MAX_SAMPLES)
         self.starts, self.samples = [t for t, _ in pairs], [n for _, n in pairs]
         self.done_t = time.monotonic()
         emit({"event": "done"})
@@ -1011,7 +1011,8 @@ class PreauthRole(Role):
             self.answered("headers", "connect failed", 0, t0)
             return
         head = (f"GET /gateway HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nUpgrade: websocket\r\n"
-                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n")  # fmt: skip
+                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                "Sec-WebSocket-Version: 13\r\n")  # fmt: skip
         line = b"X-Filler: " + b"z" * max(1, chunk - 12) + b"\r\n"
         transport.write(head.encode())
         sent += len(head)

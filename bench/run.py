@@ -256,7 +256,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         }
         for metric in [*metrics, "server_cpu_pct", "loadgen_cpu_pct", "other_cpu_pct"]:
 
-            def value(r: dict[str, Any]) -> float:
+            def value(r: dict[str, Any], metric: str = metric) -> float:
                 return r[metric] if metric.endswith("cpu_pct") else r["metrics"].get(metric, float("nan"))
 
             entry[metric] = {k: spread([value(r) for r in rows if r["server"] == k]) for k in labels}
@@ -275,27 +275,27 @@ def fmt(s: dict[str, float] | None) -> str:
     def num(v: float) -> str:
         return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
 
-    return num(s["median"]) if s["n"] == 1 else f"{num(s['median'])} ({num(s['min'])}–{num(s['max'])})"
+    return num(s["median"]) if s["n"] == 1 else f"{num(s['median'])} ({num(s['min'])}\u2013{num(s['max'])})"
 
 
 def cell(entry: dict[str, Any], e: dict[str, Any], kind: str | None, *, note: bool = True) -> str:
-    """One server's figure: "–" when it did not run (or has no such figure), "failed" when every run failed."""
+    """One server's figure: "\u2013" when it did not run (or has no such figure), "failed" when every run failed."""
     if kind is None or kind not in entry["servers"]:
-        return "–"
+        return "\u2013"
     failed = entry["failed_runs"].get(kind, 0)
     if e.get(kind) is None:
-        return "failed" if failed == entry["servers"][kind] else "–"
+        return "failed" if failed == entry["servers"][kind] else "\u2013"
     return fmt(e[kind]) + (f" **{failed} run(s) failed**" if failed and note else "")
 
 
 def table(report: dict[str, Any]) -> str:
     m = report["machine"]
-    versions = ", ".join(report["gateway_versions"]) or "–"
+    versions = ", ".join(report["gateway_versions"]) or "\u2013"
     ceiling = "ceiling" if report["ws"] == "websockets-sansio" else f"ceiling ({report['ws']})"
     lines = [
         f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['system']}, Python {m['python']}. "
         f"Date: {report['date']}. Commit: `{report['commit']}` (gateway.py sha256 `{versions}`). "
-        f"Runs: {report['runs']}, median (min–max).",
+        f"Runs: {report['runs']}, median (min\u2013max).",
     ]
     if any(name in report["summary"] for name in HEADLINES):
         lines += [
@@ -320,7 +320,7 @@ def table(report: dict[str, Any]) -> str:
                 label,
                 cell(entry, e, left),
                 cell(entry, e, right),
-                f"{ratio['median']:.2f}" if ratio else "–",
+                f"{ratio['median']:.2f}" if ratio else "\u2013",
                 f"{cell(entry, cpu, left, note=False)} / {cell(entry, cpu, right, note=False)}" if first else "",
                 f"{cell(entry, load, left, note=False)} / {cell(entry, load, right, note=False)}" if first else "",
             ]
@@ -379,7 +379,7 @@ def offline_table(summary: dict[str, Any]) -> str:
             e = entry.get(metric, {})
             ratio = e.get("ratio")
             judged = ratio if bottom else e.get(top)
-            verdict = "–"
+            verdict = "\u2013"
             if target is not None:
                 op, bound = target
                 verdict = f"{'≥' if op == '>=' else '<'} {bound:,g}"
@@ -388,9 +388,11 @@ def offline_table(summary: dict[str, Any]) -> str:
                     verdict += ": met" if met else ": **missed**"
             cells = [
                 title if i == 0 else "", label, cell(entry, e, top), cell(entry, e, bottom or None),
-                f"{ratio['median']:.3g}" if ratio else "–", verdict,
-                f"{cell(entry, cpu, top, note=False)} / {cell(entry, cpu, bottom or None, note=False)}" if i == 0 else "",
-                f"{cell(entry, load, top, note=False)} / {cell(entry, load, bottom or None, note=False)}" if i == 0 else "",
+                f"{ratio['median']:.3g}" if ratio else "\u2013", verdict,
+                f"{cell(entry, cpu, top, note=False)} / {cell(entry, cpu, bottom or None, note=False)}"
+                if i == 0 else "",
+                f"{cell(entry, load, top, note=False)} / {cell(entry, load, bottom or None, note=False)}"
+                if i == 0 else "",
             ]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -461,10 +463,10 @@ def abuse_table(summary: dict[str, Any]) -> str:
         for i, (side, metric, label, target) in enumerate(headlines):
             e = entry.get(metric, {})
             ratio = (e.get("ratios") or {}).get(side) if "ratios" in e else e.get("ratio")
-            verdict = "–"
+            verdict = "\u2013"
             if target is not None:
                 op, bound, on = target
-                verdict = f"{SYMBOLS[op]} {bound:,g}{'×' if on == 'ratio' else ''}"
+                verdict = f"{SYMBOLS[op]} {bound:,g}" + ("\u00d7" if on == "ratio" else "")
                 judged = ratio if on == "ratio" else e.get(side)
                 if judged is not None:
                     v = judged["median"]
@@ -475,8 +477,8 @@ def abuse_table(summary: dict[str, Any]) -> str:
             cpu, load = entry["server_cpu_pct"], entry["loadgen_cpu_pct"]
             cells = [
                 title if i == 0 else "", label, cell(entry, e, side),
-                cell(entry, e, base) if e.get(base) is not None else "–",
-                f"{ratio['median']:.3g}" if ratio else "–", verdict,
+                cell(entry, e, base) if e.get(base) is not None else "\u2013",
+                f"{ratio['median']:.3g}" if ratio else "\u2013", verdict,
                 f"{cell(entry, cpu, side, note=False)} / {cell(entry, cpu, base, note=False)}" if first else "",
                 f"{cell(entry, load, side, note=False)} / {cell(entry, load, base, note=False)}" if first else "",
             ]  # fmt: skip
@@ -498,7 +500,7 @@ def cluster_table(entry: dict[str, Any]) -> str:
     ]
     for metric, label in rows:
         e = entry.get(metric, {})
-        ratio = fmt(e["ratio"]) if e.get("ratio") else "–"
+        ratio = fmt(e["ratio"]) if e.get("ratio") else "\u2013"
         lines.append(f"| {label} | {cell(entry, e, 'gateway')} | {cell(entry, e, 'cluster')} | {ratio} |")
     return "\n".join(lines)
 
@@ -534,7 +536,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny counts, one run, seconds (the test suite's smoke run)")
     p.add_argument("--runs", type=int, default=None, help="alternating runs per server (default 3, quick 1)")
     p.add_argument("--scenarios", default=None,
-                   help=f"comma list of {', '.join(SCENARIOS)} (default all; --quick: all but {', '.join(QUICK_SKIP)})")  # fmt: skip
+                   help=f"comma list of {', '.join(SCENARIOS)} "
+                        f"(default all; --quick: all but {', '.join(QUICK_SKIP)})")  # fmt: skip
     p.add_argument("--servers", default="gateway,ceiling",
                    help="comma list of gateway, ceiling (`cluster` always runs gateway and the cluster)")  # fmt: skip
     p.add_argument("--ws", default="websockets-sansio", choices=["websockets-sansio", "websockets", "wsproto"],

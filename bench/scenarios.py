@@ -662,8 +662,8 @@ async def guess_flood(spec: Spec, ctx: Context, *, flood: str = "") -> Outcome:
         window = guessed["window_s"]
         answered = guessed["checked"] + guessed["throttled"]
         throttling_from = guessed["mark_t"] + guessed["first_throttled_s"] if guessed["first_throttled_s"] else 1e18
-        checking = sorted(n for t, n in zip(probe["starts"], probe["samples"]) if t < throttling_from)
-        throttling = sorted(n for t, n in zip(probe["starts"], probe["samples"]) if t >= throttling_from)
+        checking = sorted(n for t, n in zip(probe["starts"], probe["samples"], strict=True) if t < throttling_from)
+        throttling = sorted(n for t, n in zip(probe["starts"], probe["samples"], strict=True) if t >= throttling_from)
         bucket = int(guessed["first_throttled_s"] * 10) if guessed["first_throttled_s"] else len(guessed["timeline"])
         steady = guessed["timeline"][bucket + 1 :]  # whole 100 ms buckets after the first throttled answer
         metrics |= {
@@ -717,7 +717,8 @@ async def preauth_memory(spec: Spec, ctx: Context, *, attack: bool = False) -> O
         await legits.start([job("legit", server, ctx, mesh=legit, second=second, interval_s=0.005)])
         if attack:
             params = {"frames": frames, "fragments": fragments, "headers": headers, "announce": 1 << 20,
-                      "chunk": 1024, "interval_s": s.preauth_interval_s, "header_chunk": 8192, "header_interval_s": 0.005,
+                      "chunk": 1024, "interval_s": s.preauth_interval_s, "header_chunk": 8192,
+                      "header_interval_s": 0.005,
                       "header_total": s.preauth_header_bytes, "concurrency": 100, "nice": 5}  # fmt: skip
             await attackers.start([job("preauth", server, ctx, **params)])
         async with RssPeak(server) as rss:

@@ -142,7 +142,7 @@ class Store:
         return [path for path in self.files() if path.exists()]
 
     def copy_to(self, other: Store) -> None:
-        for source, target in zip(self.files(), other.files()):
+        for source, target in zip(self.files(), other.files(), strict=True):
             if source.exists():
                 shutil.copyfile(source, target)
 
