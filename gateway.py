@@ -31,6 +31,7 @@ import sqlite3
 import sys
 import threading
 import time
+import typing
 import unicodedata
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
@@ -168,20 +169,20 @@ class UpdateRooms(Frame, tag="gateway_update_rooms"):
     public_rooms: list[str]
 
 
-class ChatMessage(Struct, omit_defaults=True):
+class ChatMessage(Struct, omit_defaults=True, rename="camel"):
     """PAYLOAD_POLICY=mesh: decoding into this struct *is* the whitelist (other keys are dropped)."""
 
     id: Any = UNSET
-    roomId: Any = UNSET
-    senderId: Any = UNSET
-    senderName: Any = UNSET
+    room_id: Any = UNSET
+    sender_id: Any = UNSET
+    sender_name: Any = UNSET
     content: Any = UNSET
-    isDm: Any = UNSET
-    createdAt: Any = UNSET
-    fromMesh: Any = UNSET
-    fromMeshId: Any = UNSET
-    roomName: Any = UNSET
-    trustLevel: Any = UNSET  # always rewritten to "federated"
+    is_dm: Any = UNSET
+    created_at: Any = UNSET
+    from_mesh: Any = UNSET
+    from_mesh_id: Any = UNSET
+    room_name: Any = UNSET
+    trust_level: Any = UNSET  # always rewritten to "federated"
 
 
 class MeshPayload(Struct, omit_defaults=True):
@@ -189,10 +190,23 @@ class MeshPayload(Struct, omit_defaults=True):
     message: ChatMessage | list[Any] | str | int | float | bool | UnsetType | None = UNSET
 
 
+# Every frame a node sends: a new frame type is its Struct, its name here, and a case in `dispatch`.
 ClientFrame = Auth | Discover | Relay[Any] | Broadcast[Any] | UpdateParticipants | UpdateRooms
-CLIENT_TAGS = frozenset(
-    cls.__struct_config__.tag for cls in (Auth, Discover, Relay, Broadcast, UpdateParticipants, UpdateRooms)
-)
+
+
+def frame_class(member: Any) -> type[Frame]:
+    """`Relay` for `Relay[Any]`: the class of a member of the union."""
+    cls: type[Frame] = typing.get_origin(member) or member
+    return cls
+
+
+def with_payload(payload: Any) -> Any:
+    """ClientFrame with the relayed payloads decoded as `payload` (a PAYLOAD_POLICY's type)."""
+    members = (origin[payload] if (origin := typing.get_origin(m)) else m for m in typing.get_args(ClientFrame))
+    return typing.Union[tuple(members)]  # noqa: UP007 (a union built at run time)
+
+
+CLIENT_TAGS = frozenset(frame_class(member).__struct_config__.tag for member in typing.get_args(ClientFrame))
 
 
 class AuthOk(Frame, tag="gateway_auth_ok"):
@@ -254,12 +268,8 @@ class FrameHead(Struct):
 
 
 FRAME_DECODERS = {  # one per payload policy, built once
-    "mesh": msgspec.json.Decoder(
-        Auth | Discover | Relay[MeshPayload] | Broadcast[MeshPayload] | UpdateParticipants | UpdateRooms
-    ),
-    "passthrough": msgspec.json.Decoder(
-        Auth | Discover | Relay[dict[str, Any]] | Broadcast[dict[str, Any]] | UpdateParticipants | UpdateRooms
-    ),
+    "mesh": msgspec.json.Decoder(with_payload(MeshPayload)),
+    "passthrough": msgspec.json.Decoder(with_payload(dict[str, Any])),
 }
 head_decoder = msgspec.json.Decoder(FrameHead)
 encoder = msgspec.json.Encoder()
@@ -292,8 +302,14 @@ CLOSE_UNREGISTERED = 4001  # the mesh was deleted
 def federate(payload: Any) -> Any:
     """A relayed chat message is never trusted as local on the receiving mesh."""
     if isinstance(payload, MeshPayload) and isinstance(payload.message, ChatMessage):
-        payload.message.trustLevel = "federated"
+        payload.message.trust_level = "federated"
     return payload
+
+
+def text_frame(data: bytes) -> tuple[str, int]:
+    """Encoded JSON as the text a socket sends, with its size in bytes: the one way a peer is
+    handed encoded bytes (a broadcast decodes once for every receiver)."""
+    return data.decode(), len(data)
 
 
 def utf8_size(text: str) -> int:
@@ -414,9 +430,9 @@ class Hasher:
     def __init__(self, workers: int = 2) -> None:
         self.workers = workers
         self.pool = self._new_pool()
-        self.pending: deque[tuple[str, str | None, asyncio.Future[Any]]] = deque()
+        self.jobs: deque[tuple[str, str | None, asyncio.Future[Any]]] = deque()
         self.wakeup = asyncio.Event()
-        self.runners = [asyncio.create_task(self._run()) for _ in range(workers)]
+        self.drainers = [asyncio.create_task(self._drain()) for _ in range(workers)]  # one per worker
 
     async def start(self) -> None:
         await self.verify("warm-up", DUMMY_HASH)  # start the workers now, not on the first auth
@@ -428,8 +444,8 @@ class Hasher:
         return bool(await self._submit(secret, secret_hash))
 
     async def close(self) -> None:
-        for runner in self.runners:
-            runner.cancel()
+        for drainer in self.drainers:
+            drainer.cancel()
         await asyncio.to_thread(self.pool.shutdown, True, cancel_futures=True)
 
     def _new_pool(self) -> ProcessPoolExecutor:
@@ -438,18 +454,21 @@ class Hasher:
 
     async def _submit(self, secret: str, stored: str | None) -> Any:
         future = asyncio.get_running_loop().create_future()
-        self.pending.append((secret, stored, future))
-        self.wakeup.set()
+        self.jobs.append((secret, stored, future))
+        self._wake()
         return await future
 
-    async def _run(self) -> None:
+    def _wake(self) -> None:
+        self.wakeup.set()
+
+    async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self.pending:
+            if not self.jobs:
                 self.wakeup.clear()
                 await self.wakeup.wait()
                 continue
-            batch = [self.pending.popleft() for _ in range(min(self.BATCH, len(self.pending)))]
+            batch = [self.jobs.popleft() for _ in range(min(self.BATCH, len(self.jobs)))]
             pool = self.pool
             try:
                 results = await loop.run_in_executor(pool, hash_batch, [(s, h) for s, h, _ in batch])
@@ -675,7 +694,7 @@ class SqliteStore:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._serve, name="mesh-gateway-db", daemon=True)
+        self._thread = threading.Thread(target=self._drain, name="mesh-gateway-db", daemon=True)
         self._thread.start()
         self.readers = set(await self.call(self._open))
         self.queued = sum(self._count.values())
@@ -694,7 +713,7 @@ class SqliteStore:
         self._jobs.put((fn, args, future))
         return future
 
-    def _serve(self) -> None:
+    def _drain(self) -> None:
         while True:
             first = self._jobs.get()
             if first is None:
@@ -1368,7 +1387,7 @@ class Peer:
         return {"event": event, "mesh_id": self.mesh_id, "conn": self.conn, "ip": self.ip, "code": code}
 
     def send_bytes(self, data: bytes) -> bool:
-        return self.send(data.decode(), len(data))
+        return self.send(*text_frame(data))
 
     def deliver(self, text: str, size: int) -> bool:
         """A live frame for this mesh: sent now, or, while it catches up, after its kept frames."""
@@ -1382,7 +1401,7 @@ class Peer:
         """A frame from the mailbox: confirmed, it moves the mailbox's stored position."""
         self.read_pos = seq  # before `send`: a cut-off there releases this frame with what was sent
         self.kept_seqs.append((self.appended, seq))
-        self.send(data.decode(), len(data))
+        self.send(*text_frame(data))
 
     def close(self, code: int, reason: str = "", *, flush: bool = True) -> None:
         """Close after what is queued (or, with flush=False, instead of it)."""
@@ -1454,9 +1473,9 @@ class Peer:
 
     def _wake(self) -> None:
         if self.writer is None:
-            self.writer = asyncio.create_task(self._write())
+            self.writer = asyncio.create_task(self._drain())
 
-    async def _write(self) -> None:
+    async def _drain(self) -> None:
         """Send until the outbox is empty (then the close, if one was asked for), and end."""
         send = self.send_asgi
         try:
@@ -1854,7 +1873,7 @@ class Hub:
     def deliver(self, mesh_id: str, data: bytes) -> bool:
         """A live frame for a mesh on this process (False: not here, or closing)."""
         peer = self.peers.get(mesh_id)
-        if peer is None or not peer.deliver(data.decode(), len(data)):
+        if peer is None or not peer.deliver(*text_frame(data)):
             return False
         self.stats.incoming += 1
         if peer.backlog_bytes > peer.limit // 2:
@@ -1862,7 +1881,7 @@ class Hub:
         return True
 
     def fan_out(self, sender: str, data: bytes) -> None:
-        text, size = data.decode(), len(data)
+        text, size = text_frame(data)
         receivers = 0
         for peer in list(self.peers.values()):
             if peer.mesh_id != sender and peer.deliver(text, size):
@@ -3008,7 +3027,9 @@ def raise_file_limit() -> None:
 
 
 if __name__ == "__main__":
-    # One copy of the module: `import gateway` (by a test, a host or a helper) must get this one, not
-    # load the file a second time with its own Settings, Hub and decoders. Works whatever the file's name.
-    sys.modules.setdefault("gateway", sys.modules[__name__])
-    main()
+    # `python gateway.py` runs this file as `__main__`; whoever then imports `gateway` (gateway_redis,
+    # a test, a helper) would load it a second time, with its own classes, decoders and hub. So the
+    # script only imports the module and runs that one copy's `main`.
+    import gateway
+
+    gateway.main()

@@ -160,8 +160,8 @@ class RedisBackplane:
         self.hub: Hub | None = None
         self.stats = Stats()  # the hub's, from start()
         self.task: asyncio.Task[None] | None = None
-        self._outgoing: list[tuple[str, bytes, asyncio.Future[int]]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self.outbox: list[tuple[str, bytes, asyncio.Future[int]]] = []  # PUBLISHes for the next pipeline
+        self.drainer: asyncio.Task[None] | None = None
         self._imported = False
 
     @property
@@ -225,15 +225,18 @@ class RedisBackplane:
         """PUBLISH, pipelined: what every socket publishes meanwhile goes in one round trip.
         The future holds how many processes received it (BackplaneUnavailable if Redis failed)."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._outgoing.append((channel, data, future))
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush())
+        self.outbox.append((channel, data, future))
+        self._wake()
         return future
 
-    async def _flush(self) -> None:
+    def _wake(self) -> None:
+        if self.drainer is None:
+            self.drainer = asyncio.create_task(self._drain())
+
+    async def _drain(self) -> None:
         try:
-            while self._outgoing:
-                batch, self._outgoing = self._outgoing, []
+            while self.outbox:
+                batch, self.outbox = self.outbox, []
                 pipe = self.redis.pipeline(transaction=False)
                 for channel, data, _ in batch:
                     pipe.publish(channel, data)
@@ -252,7 +255,7 @@ class RedisBackplane:
                     else:
                         future.set_result(result)
         finally:
-            self._flusher = None
+            self.drainer = None
 
     # --- the listener ---
 

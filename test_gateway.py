@@ -2343,15 +2343,17 @@ def test_version_and_help() -> None:
 
 
 def test_python_gateway_py_loads_the_module_once() -> None:
-    """Run as `python gateway.py`, the script is the `gateway` module: importing it gives the same
+    """Run as `python gateway.py`, the script hands over to the imported `gateway` module: the main
+    that runs is that module's, so gateway_redis and every later `import gateway` see the same
     classes, not a second copy of the file (the double-import trap)."""
     code = (
-        "import runpy, sys; sys.argv = ['gateway.py', '--version']; "
-        "script = runpy.run_path('gateway.py', run_name='__main__'); import gateway; "
-        "print(gateway.Settings is script['Settings'])"
+        "import runpy, sys; import gateway; ran = []; real = gateway.main; "
+        "gateway.main = lambda argv=None: ran.append(argv) or real(argv); "
+        "sys.argv = ['gateway.py', '--version']; runpy.run_path('gateway.py', run_name='__main__'); "
+        "print(len(ran), sys.modules['gateway'] is gateway)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=HERE)
-    assert result.stdout.split() == ["mesh-gateway", gw.VERSION, "True"], result.stderr
+    assert result.stdout.split() == ["mesh-gateway", gw.VERSION, "1", "True"], result.stderr
 
 
 async def test_sigterm_drains_health_before_closing(tmp_path: Path) -> None:
