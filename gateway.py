@@ -2810,13 +2810,14 @@ def http_protocol() -> type[asyncio.Protocol]:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class BoundedHeadersProtocol(HttpToolsProtocol):
-        header_bytes = 0
+        header_bytes = 0  # of the request whose headers are arriving; -1: in a body; -2: refused
         tail = b""
+        in_headers = False  # the parser is inside a request's headers
 
         def data_received(self, data: bytes) -> None:
             if self.header_bytes == -2:
                 return
-            if self.header_bytes >= 0:  # still in a request's headers
+            if self.header_bytes >= 0:  # this data starts inside a request's headers: count up to their end
                 seen = self.tail + data
                 end = seen.find(b"\r\n\r\n")
                 self.header_bytes += len(data) if end < 0 else max(0, end - len(self.tail))
@@ -2824,9 +2825,19 @@ def http_protocol() -> type[asyncio.Protocol]:
                 if self.header_bytes > MAX_HEADER_BYTES:
                     self.refuse_headers()
                     return
-                if end >= 0:
-                    self.header_bytes = -1
             super().data_received(data)
+            if self.header_bytes == 0 and self.in_headers:
+                # A request began after another ended in this same data (a client that sends its next
+                # request right behind a body): count what the parser has of its headers so far.
+                self.header_bytes = len(self.url) + sum(len(n) + len(v) for n, v in self.headers)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self.in_headers = True
+
+        def on_headers_complete(self) -> None:
+            self.header_bytes, self.in_headers = -1, False  # its body is not counted
+            super().on_headers_complete()
 
         def on_message_complete(self) -> None:
             super().on_message_complete()
