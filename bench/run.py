@@ -112,6 +112,9 @@ def server_specs(args: argparse.Namespace, tmp: Path) -> dict[str, Spec]:
         gateway = tmp / "snapshot" / gateway.name
         gateway.parent.mkdir()
         shutil.copy(args.gateway, gateway)
+        cluster_mode = args.gateway.parent / "gateway_redis.py"  # imported by the snapshot with REDIS_URL
+        if cluster_mode.is_file():
+            shutil.copy(cluster_mode, gateway.parent / cluster_mode.name)
     single = ServerSpec("gateway", [PYTHON, str(gateway)], env=BENCH_ENV)
     return {
         "gateway": single,
