@@ -232,11 +232,25 @@ async def running(settings: Settings, app: Any = None, prefix: str = "") -> Asyn
 # --- Whole processes and Redis ----------------------------------------------------------------
 
 
+PORTS_PER_WORKER = 2000
+next_port = itertools.count()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A free loopback port from this test worker's own range, below the kernel's ephemeral range.
+    (Port 0 then close is a race: two xdist workers were handed the same port, and one cluster's
+    health check was answered by the other's process.)"""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    base = 10_000 + PORTS_PER_WORKER * (worker % 10)
+    for _ in range(PORTS_PER_WORKER):
+        port = base + next(next_port) % PORTS_PER_WORKER
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {base}-{base + PORTS_PER_WORKER}")
 
 
 Started = tuple[subprocess.Popen[bytes], str]  # a gateway process and its host:port

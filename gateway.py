@@ -46,6 +46,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.types import Message, Receive, Send
 
 log = logging.getLogger("mesh_gateway")
 
@@ -1193,8 +1194,6 @@ class Throttle:
         return max(self.buckets.setdefault(key, TokenBucket(self.rate_per_min)).take() for key in keys)
 
 
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
 # Send a ping now; call back when its pong arrives (False: the socket is closing).
 ConfirmPing = Callable[[Callable[[], None]], bool]
 
@@ -2618,7 +2617,7 @@ class Gateway:
             self.settings.auth_timeout_s, self._auth_timeout, peer
         )
         opened = time.monotonic()
-        ended: dict[str, Any] = {}
+        ended: Message = {}
         try:
             while True:
                 message = await receive()

@@ -16,7 +16,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ import yaml
 from websockets.asyncio.client import ClientConnection, connect
 
 import gateway as gw
+from conftest import free_port
 
 HERE = Path(__file__).parent
 DOCKERFILE = HERE / "Dockerfile"
@@ -283,12 +283,6 @@ def test_nginx_accepts_the_config(tmp_path: Path) -> None:
 
 
 # --- Real processes --------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def nginx_paths(tmp: Path) -> list[str]:
