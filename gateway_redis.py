@@ -44,7 +44,7 @@ from gateway import (
 def redis_parts(settings: Settings) -> tuple[RedisBackplane, RedisRegistry, RedisMailboxes]:
     """The backplane, registry and mailboxes of a cluster process, on one Redis link."""
     link = RedisLink(settings.redis_url or "")
-    return RedisBackplane(settings, link), RedisRegistry(link, settings), RedisMailboxes(settings, link)
+    return RedisBackplane(settings, link), RedisRegistry(settings, link), RedisMailboxes(settings, link)
 
 
 class RedisLink:
@@ -394,7 +394,7 @@ class RedisRegistry:
     """The registry in one Redis hash; writes are compare-and-set (Lua), so two
     processes registering the same id at once cannot both win."""
 
-    def __init__(self, link: RedisLink, settings: Settings) -> None:
+    def __init__(self, settings: Settings, link: RedisLink) -> None:
         self.link = link
         self.redis = link.client
         self.max_meshes = settings.max_meshes
