@@ -29,6 +29,7 @@ import re
 import select
 import socket
 import sqlite3
+import struct
 import sys
 import threading
 import time
@@ -289,7 +290,7 @@ MESSAGES_DROPPED = "messages_dropped"
 
 # Every frame the hub relays starts so (a tagged struct encodes its tag first): the frames a
 # socket must give back to the mailbox when it ends unconfirmed.
-INCOMING_PREFIX = '{"type":"gateway_incoming"'
+INCOMING_PREFIX = b'{"type":"gateway_incoming"'
 
 # Close codes (also in README.md).
 CLOSE_POLICY = 1008  # bad credentials, auth timeout
@@ -306,12 +307,6 @@ def federate(payload: Any) -> Any:
     if isinstance(payload, MeshPayload) and isinstance(payload.message, ChatMessage):
         payload.message.trust_level = "federated"
     return payload
-
-
-def text_frame(data: bytes) -> tuple[str, int]:
-    """Encoded JSON as the text a socket sends, with its size in bytes: the one way a peer is
-    handed encoded bytes (a broadcast decodes once for every receiver)."""
-    return data.decode(), len(data)
 
 
 def utf8_size(text: str) -> int:
@@ -1194,10 +1189,6 @@ class Throttle:
         return max(self.buckets.setdefault(key, TokenBucket(self.rate_per_min)).take() for key in keys)
 
 
-# Send a ping now; call back when its pong arrives (False: the socket is closing).
-ConfirmPing = Callable[[Callable[[], None]], bool]
-
-
 class Buckets:
     """A histogram as plain counts (upper bounds in seconds); the metrics endpoint reads it."""
 
@@ -1246,22 +1237,54 @@ class Stats:
         self.batches = 0
 
 
+class Socket(Protocol):
+    """What `python gateway.py`'s WebSocket protocol (GatewayProtocol) offers the app beyond
+    ASGI, as `scope["extensions"][SOCKET_EXTENSION]`. Under a host's own server there is
+    none: frames go through ASGI sends, and count as delivered once handed over."""
+
+    @property
+    def paused(self) -> bool:
+        """The transport holds its high-water mark: write nothing until `when_writable`."""
+
+    def write_texts(self, frames: list[bytes]) -> None:
+        """Send these UTF-8 JSON payloads as text frames, in one transport write."""
+
+    def when_writable(self, callback: Callable[[], None]) -> None:
+        """Call back once the transport takes writes again (or the connection is gone)."""
+
+    def ping(self, callback: Callable[[], None]) -> bool:
+        """Send a ping now and call back when its pong arrives (False: the socket is closing)."""
+
+    def set_on_shutdown(self, callback: Callable[[], None]) -> None:
+        """On SIGTERM call this (the app closes with 1012 itself) instead of closing at once."""
+
+    def authenticated(self) -> None:
+        """Lift the pre-auth message size limit to WS_MAX_BYTES."""
+
+    def abort(self) -> None:
+        """Drop the connection now (a peer that does not read its close)."""
+
+
 class Peer:
     """One WebSocket connection: before auth a stranger, after it one mesh.
 
-    Frames for it wait in `outbox` (bounded by bytes) until its one writer task
-    hands them to the server; whoever queues a frame never waits for the socket.
-    The writer runs only while there is something to send, so an idle
-    connection costs no task.
+    Frames for it wait in `outbox` (encoded JSON, bounded by bytes) until its writer
+    hands them to the server; whoever queues a frame never waits for the socket. Under
+    `python gateway.py` the writer is a callback at the end of the loop turn that writes
+    the whole outbox to the transport at once (no task, no ASGI message per frame);
+    under a host's own server it is a task that sends each frame through ASGI. Either
+    runs only while there is something to send, so an idle connection costs nothing.
 
-    With offline delivery a handed-over frame stays in `unconfirmed` until the
-    node answers a ping sent after it (the node's WebSocket library handles
-    frames in order and pongs after them). While the mesh catches up on its
-    mailbox (`live` false), live frames wait in `backlog` behind the kept ones.
+    With offline delivery a handed-over frame stays in `unconfirmed` until the node
+    answers a ping sent after it (the node's WebSocket library handles frames in order
+    and pongs after them). While the mesh catches up on its mailbox (`live` false), live
+    frames wait in `backlog` behind the kept ones. Events and buckets are made when first
+    needed: an idle socket holds as little as it can.
     """
 
     __slots__ = (
-        "all_confirmed",
+        "_all_confirmed",
+        "_space",
         "appended",
         "auth_deadline",
         "backlog",
@@ -1269,12 +1292,10 @@ class Peer:
         "bucket",
         "claimed_ns",
         "closing",
-        "confirm",
         "confirm_interval",
         "confirm_timer",
         "confirmed",
         "conn",
-        "controls",
         "dropping",
         "end",
         "goodbye",
@@ -1300,7 +1321,7 @@ class Peer:
         "send_asgi",
         "sending",
         "sending_at",
-        "space",
+        "socket",
         "spills",
         "stats",
         "tracking",
@@ -1309,11 +1330,14 @@ class Peer:
         "updates",
         "writer",
     )  # fmt: skip
+    bucket: TokenBucket  # relays and broadcasts: the mesh's own, set by the hub at auth
+    updates: TokenBucket  # participant/room updates and discovers: the same
 
     def __init__(
-        self, send: Send, settings: Settings, confirm: ConfirmPing | None = None, stats: Stats | None = None
+        self, send: Send, settings: Settings, socket: Socket | None = None, stats: Stats | None = None
     ) -> None:
         self.send_asgi = send
+        self.socket = socket  # under `python gateway.py`: the fast write path and the confirmation pings
         self.stats = stats or Stats()
         self.queued_at = 0.0  # when the oldest frame in the outbox was queued
         self.mesh_id: str | None = None
@@ -1322,52 +1346,48 @@ class Peer:
         self.claimed_ns = 0  # when it claimed its mesh, set by the hub: the later claim wins
         self.participants: list[Participant] = []
         self.public_rooms: list[str] = []
-        self.bucket = TokenBucket(settings.rate_limit_per_min)  # relays and broadcasts
-        self.updates = TokenBucket(settings.update_rate_per_min)  # participant/room updates and discovers
         self.limited = False  # inside a burst of rate-limited frames
         self.greeted = 0  # participant announcements up to this number were in its greeting
         self.ip = ""  # the client's address
-        self.controls: dict[str, Any] | None = None  # the socket extension, under `python gateway.py`
         self.on_close: Callable[[Peer], None] | None = None  # set by the hub that holds this peer
-        self.outbox: list[str] = []  # a list, swapped out whole by the writer: cheaper than a deque
+        self.outbox: list[bytes] = []  # a list, swapped out whole by the writer: cheaper than a deque
         self.queued = 0  # bytes queued and not yet handed to the server
         self.limit = max(settings.send_buffer_bytes - TRANSPORT_HIGH_WATER, settings.send_buffer_bytes // 2)
         self.closing = False
         self.goodbye: Close | None = None  # sent once the outbox is empty
         self.dropping = False  # cut off: what is still queued is not sent
-        self.writer: asyncio.Task[None] | None = None
+        # The writer: a callback handle on the fast path (while paused, the one that ran), or a task.
+        self.writer: asyncio.Handle | asyncio.Task[None] | None = None
         self.auth_deadline: asyncio.TimerHandle | None = None
         # Confirmation (offline delivery only): frames are numbered in the order they are queued.
-        offline = settings.offline_ttl_s > 0
-        self.confirm = confirm if offline else None
-        self.tracking = self.confirm is not None  # else a frame counts as delivered once handed over
+        self.tracking = settings.offline_ttl_s > 0 and socket is not None  # else delivered once handed over
         self.confirm_interval = settings.confirm_interval_s
-        self.unconfirmed: deque[str] = deque()
+        self.unconfirmed: list[bytes] = []  # confirmed in runs from the front: `del [:n]`, no deque needed
         self.unconfirmed_bytes = 0
         self.appended = 0  # frames ever queued
         self.confirmed = 0  # frames confirmed (or, not tracking, handed over)
-        self.sending: list[str] = []  # the writer's batch, handed over up to `sending_at`
+        self.sending: list[bytes] = []  # the ASGI writer's batch, handed over up to `sending_at`
         self.sending_at = 0
         self.ping_at = -1  # frames covered by the confirmation ping in flight (-1: none)
         self.confirm_timer: asyncio.TimerHandle | None = None
-        self.kept_seqs: deque[tuple[int, int]] = deque()  # (frame number, mailbox seq) of kept frames sent
+        self.kept_seqs: list[tuple[int, int]] = []  # (frame number, mailbox seq) of kept frames sent
         self.on_confirm: Callable[[Peer, int, int], None] | None = (
             None  # (peer, up to seq, how many) kept frames confirmed
         )
-        self.all_confirmed = asyncio.Event()
+        self._all_confirmed: asyncio.Event | None = None  # made by the first waiter
+        self._space: asyncio.Event | None = None
         # Catching up (offline delivery only): the hub sets `live` false until the mailbox is read.
         self.live = True
-        self.backlog: list[str] = []
+        self.backlog: list[bytes] = []
         self.backlog_bytes = 0
         self.held: dict[str, bytes] = {}  # participant groups (encoded) announced while catching up
         self.read_pos = 0  # mailbox read up to this seq
         self.end = 0  # the mailbox's broadcasts end here (later ones arrive live)
         self.spills = 0  # backlog spills to the mailbox so far
-        self.space = asyncio.Event()
         self.released = False  # its frames went back to the mailbox
 
-    def send(self, text: str, size: int) -> bool:
-        """Queue one text frame of `size` bytes; a peer that stops reading is cut off, not waited for."""
+    def send(self, data: bytes) -> bool:
+        """Queue one frame (encoded JSON); a peer that stops reading is cut off, not waited for."""
         if self.closing:
             return False
         stopped = self.queued > self.limit or self.unconfirmed_bytes > 4 * self.limit  # before this frame:
@@ -1375,43 +1395,41 @@ class Peer:
             stats = self.stats
             stats.batches += 1
             self.queued_at = time.monotonic() if stats.batches & 15 == 1 else 0.0
-        self.outbox.append(text)  # one big frame (a long discover answer) never cuts off a reader that reads
-        self.queued += size
+        self.outbox.append(data)  # one big frame (a long discover answer) never cuts off a reader that reads
+        self.queued += len(data)
         self.appended += 1
         if stopped:
             self.stats.cut_off += 1
             log.warning("mesh %s: send buffer full, cut off (1013)", self.mesh_id, extra=self.context("cut_off", 1013))
             self.close(CLOSE_TRY_AGAIN, "send buffer full", flush=False)
             return self.released  # this frame too is kept for its return (offline delivery), or lost
-        self._wake()
+        if self.writer is None:
+            self._wake()
         return True
 
     def send_frame(self, frame: Frame) -> bool:
         self.stats.frames_out[frame.__class__] += 1
         if frame.__class__ is Error:
             self.stats.errors[frame.code] += 1
-        return self.send_bytes(encoder.encode(frame))
+        return self.send(encoder.encode(frame))
 
     def context(self, event: str, code: int | None = None) -> dict[str, Any]:
         """The `extra` of a log line about this socket (LOG_FORMAT=json shows every field)."""
         return {"event": event, "mesh_id": self.mesh_id, "conn": self.conn, "ip": self.ip, "code": code}
 
-    def send_bytes(self, data: bytes) -> bool:
-        return self.send(*text_frame(data))
-
-    def deliver(self, text: str, size: int) -> bool:
+    def deliver(self, data: bytes) -> bool:
         """A live frame for this mesh: sent now, or, while it catches up, after its kept frames."""
         if self.live or self.closing:
-            return self.send(text, size)
-        self.backlog.append(text)
-        self.backlog_bytes += size
+            return self.send(data)
+        self.backlog.append(data)
+        self.backlog_bytes += len(data)
         return True
 
     def send_kept(self, data: bytes, seq: int) -> None:
         """A frame from the mailbox: confirmed, it moves the mailbox's stored position."""
         self.read_pos = seq  # before `send`: a cut-off there releases this frame with what was sent
         self.kept_seqs.append((self.appended, seq))
-        self.send(*text_frame(data))
+        self.send(data)
 
     def close(self, code: int, reason: str = "", *, flush: bool = True) -> None:
         """Close after what is queued (or, with flush=False, instead of it)."""
@@ -1423,8 +1441,8 @@ class Peer:
             self.dropping = True
         if self.confirm_timer is not None:
             self.confirm_timer.cancel()
-        self.all_confirmed.set()
-        self.space.set()
+        self._set_all_confirmed()
+        self._set_space()
         if self.on_close is not None:
             self.on_close(self)  # the hub takes its unconfirmed frames now (release)
         if not flush:
@@ -1435,13 +1453,9 @@ class Peer:
     def release(self) -> Requeue:
         """Take every gateway_incoming frame not confirmed yet, in order, for the mailbox."""
         held = [*self.unconfirmed, *self.sending[self.sending_at :], *self.outbox]
-        requeue = Requeue(
-            held=[text.encode() for text in held if text.startswith(INCOMING_PREFIX)],
-            read=self.read_pos,
-            end=self.end,
-            backlog=[text.encode() for text in self.backlog],
-        )
-        self.unconfirmed.clear()
+        incoming = [data for data in held if data.startswith(INCOMING_PREFIX)]
+        requeue = Requeue(held=incoming, read=self.read_pos, end=self.end, backlog=self.backlog)
+        self.unconfirmed = []
         self.unconfirmed_bytes = 0
         self.sending, self.sending_at = [], 0
         self.outbox, self.queued = [], 0
@@ -1454,11 +1468,11 @@ class Peer:
         """Caught up: what waited behind the kept frames follows them."""
         self.live = True
         backlog, self.backlog, self.backlog_bytes = self.backlog, [], 0
-        for text in backlog:
-            self.send(text, utf8_size(text))
+        for data in backlog:
+            self.send(data)
         held, self.held = self.held, {}
         for frame in participants_frames(held.values()):
-            self.send_bytes(frame)
+            self.send(frame)
 
     def presence(self, node: str) -> Presence:
         return Presence(
@@ -1477,16 +1491,73 @@ class Peer:
     async def has_space(self) -> None:
         """Until what the gateway holds for this peer is under half its buffer (or it closes)."""
         while not self.closing and not self.has_room():
-            self.space.clear()
+            if self._space is None:
+                self._space = asyncio.Event()
+            self._space.clear()
             self._ask_soon()
-            await self.space.wait()
+            await self._space.wait()
+
+    async def all_confirmed(self) -> None:
+        """Until the node has confirmed everything it was sent (or the socket closes)."""
+        while self.unconfirmed and not self.closing:
+            if self._all_confirmed is None:
+                self._all_confirmed = asyncio.Event()
+            self._all_confirmed.clear()
+            self.ask_confirmation()
+            await self._all_confirmed.wait()
+
+    def _set_space(self) -> None:
+        if self._space is not None:
+            self._space.set()
+
+    def _set_all_confirmed(self) -> None:
+        if self._all_confirmed is not None:
+            self._all_confirmed.set()
 
     def _wake(self) -> None:
-        if self.writer is None:
+        if self.writer is not None:
+            return
+        if self.socket is not None and self.goodbye is None:
+            self.writer = asyncio.get_running_loop().call_soon(self._flush)
+        else:
             self.writer = asyncio.create_task(self._drain())
 
+    def _flush(self) -> None:
+        """The fast path: everything queued goes to the transport in one write, at the end of
+        the loop turn that queued it; a paused transport calls back once it drains."""
+        socket = self.socket
+        assert socket is not None
+        if self.outbox and not self.dropping:
+            if socket.paused:
+                socket.when_writable(self._writable)  # `writer` stays set meanwhile: no one else writes
+                return
+            batch, batch_bytes, self.outbox, self.queued = self.outbox, self.queued, [], 0
+            if self.queued_at:
+                self.stats.queue_wait.observe(time.monotonic() - self.queued_at)  # the batch's oldest frame
+            socket.write_texts(batch)
+            self._handed_over(batch, batch_bytes)
+        self.writer = None
+        if self.goodbye is not None:
+            self._wake()  # the close goes through ASGI, after what was written
+
+    def _writable(self) -> None:
+        self.writer = None
+        self._wake()
+
+    def _handed_over(self, batch: list[bytes], batch_bytes: int) -> None:
+        self.stats.bytes_out += batch_bytes
+        if self.tracking:
+            self.unconfirmed += batch
+            self.unconfirmed_bytes += batch_bytes
+            self._ask_soon()
+        else:
+            self._confirmed(self.confirmed + len(batch))
+        if self.queued + self.unconfirmed_bytes <= self.limit // 2:
+            self._set_space()
+
     async def _drain(self) -> None:
-        """Send until the outbox is empty (then the close, if one was asked for), and end."""
+        """Send each frame through ASGI until the outbox is empty, then the close if one was
+        asked for, and end (under a host's own server; and for every close)."""
         send = self.send_asgi
         try:
             while self.outbox and not self.dropping:
@@ -1495,25 +1566,16 @@ class Peer:
                 self.sending, self.sending_at = batch, 0
                 if self.queued_at:
                     self.stats.queue_wait.observe(time.monotonic() - self.queued_at)  # the batch's oldest frame
-                for text in batch:
+                for data in batch:
                     if self.dropping:
                         break
                     self.sending_at += 1  # handed over once `send` is called (it may fail after writing)
-                    if self.tracking:
-                        self.unconfirmed.append(text)
-                        self.unconfirmed_bytes += len(text)
-                    await send({"type": "websocket.send", "text": text})  # waits while the socket is full
+                    await send({"type": "websocket.send", "text": data.decode()})  # waits while the socket is full
                 if self.dropping:
                     break
                 self.sending, self.sending_at = [], 0
                 self.queued -= batch_bytes
-                self.stats.bytes_out += batch_bytes
-                if self.tracking:
-                    self._ask_soon()
-                else:
-                    self._confirmed(self.confirmed + len(batch))
-                if self.queued + self.unconfirmed_bytes <= self.limit // 2:
-                    self.space.set()
+                self._handed_over(batch, batch_bytes)
             if self.goodbye is not None:
                 await send({"type": "websocket.close", "code": self.goodbye.code, "reason": self.goodbye.reason})
         except OSError:
@@ -1534,36 +1596,38 @@ class Peer:
 
     def ask_confirmation(self) -> None:
         self.confirm_timer = None
-        if self.closing or self.ping_at >= 0 or not self.unconfirmed or self.confirm is None:
+        if self.closing or self.ping_at >= 0 or not self.unconfirmed or self.socket is None:
             return
         upto = self.confirmed + len(self.unconfirmed)
-        if self.confirm(lambda: self._confirmed(upto)):
+        if self.socket.ping(lambda: self._confirmed(upto)):
             self.ping_at = upto
 
     def _confirmed(self, upto: int) -> None:
         """The node handled every frame numbered below `upto`."""
         if self.closing:
             return
-        while self.confirmed < upto and self.unconfirmed:
-            self.unconfirmed_bytes -= len(self.unconfirmed.popleft())
-            self.confirmed += 1
+        if self.unconfirmed:
+            done = min(upto - self.confirmed, len(self.unconfirmed))
+            if done > 0:
+                self.unconfirmed_bytes -= sum(map(len, self.unconfirmed[:done]))
+                del self.unconfirmed[:done]
         self.confirmed = max(self.confirmed, upto)
         if self.ping_at == upto:
             self.ping_at = -1
-        seq = count = 0
-        while self.kept_seqs and self.kept_seqs[0][0] < upto:
-            seq = self.kept_seqs.popleft()[1]
-            count += 1
-        if seq and self.on_confirm is not None:
-            self.stats.kept_delivered += count
-            self.on_confirm(self, seq, count)
+        if self.kept_seqs:
+            done = bisect.bisect_left(self.kept_seqs, (upto, -1))  # frame numbers below `upto`
+            if done:
+                seq = self.kept_seqs[done - 1][1]
+                del self.kept_seqs[:done]
+                if self.on_confirm is not None:
+                    self.stats.kept_delivered += done
+                    self.on_confirm(self, seq, done)
         if not self.unconfirmed:
-            self.all_confirmed.set()
+            self._set_all_confirmed()
         else:
-            self.all_confirmed.clear()
             self._ask_soon()
         if self.queued + self.unconfirmed_bytes <= self.limit // 2:
-            self.space.set()
+            self._set_space()
 
 
 class BackplaneUnavailable(Exception):
@@ -1641,7 +1705,10 @@ class Hub:
         peer.on_confirm = self._confirmed
         peer.live = False  # until its greeting (and mailbox) are through
         # Rate limits are per mesh, not per socket: reconnecting never refills them.
-        peer.bucket, peer.updates = self.buckets.setdefault(mesh_id, (peer.bucket, peer.updates))
+        if mesh_id not in self.buckets:
+            settings = self.settings
+            self.buckets[mesh_id] = TokenBucket(settings.rate_limit_per_min), TokenBucket(settings.update_rate_per_min)
+        peer.bucket, peer.updates = self.buckets[mesh_id]
         peer.tracking = peer.tracking and self.mailboxes is not None
         self.peers[mesh_id] = peer
         presence = self._put(peer.presence(self.node))
@@ -1659,7 +1726,7 @@ class Hub:
         groups = [piece for m, piece in self.populated.items() if m != mesh_id]
         for frame in participants_frames(groups):  # bounded frames, at the socket's pace
             await peer.has_space()
-            peer.send_bytes(frame)
+            peer.send(frame)
             self.stats.frames_out[Participants] += 1
         if kept is not None:
             await self._catch_up(peer, inline=True)
@@ -1730,8 +1797,7 @@ class Hub:
             )
             peer.close(CLOSE_TRY_AGAIN, "send buffer full", flush=False)
             return
-        frames = [text.encode() for text in peer.backlog]
-        peer.backlog, peer.backlog_bytes = [], 0
+        frames, peer.backlog, peer.backlog_bytes = peer.backlog, [], 0
         peer.spills += 1
         self._spawn(self.mailboxes.spill(peer.mesh_id, frames))
 
@@ -1759,9 +1825,7 @@ class Hub:
         if peer.unconfirmed:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2):
-                    peer.all_confirmed.clear()
-                    peer.ask_confirmation()
-                    await peer.all_confirmed.wait()
+                    await peer.all_confirmed()
         if self.mailboxes is not None and peer.mesh_id is not None and self.peers.get(peer.mesh_id) is peer:
             del self.peers[peer.mesh_id]
             with contextlib.suppress(StoreError):
@@ -1883,7 +1947,7 @@ class Hub:
     def deliver(self, mesh_id: str, data: bytes) -> bool:
         """A live frame for a mesh on this process (False: not here, or closing)."""
         peer = self.peers.get(mesh_id)
-        if peer is None or not peer.deliver(*text_frame(data)):
+        if peer is None or not peer.deliver(data):
             return False
         self.stats.incoming += 1
         if peer.backlog_bytes > peer.limit // 2:
@@ -1891,10 +1955,9 @@ class Hub:
         return True
 
     def fan_out(self, sender: str, data: bytes) -> None:
-        text, size = text_frame(data)
         receivers = 0
         for peer in list(self.peers.values()):
-            if peer.mesh_id != sender and peer.deliver(text, size):
+            if peer.mesh_id != sender and peer.deliver(data):
                 receivers += 1
                 if peer.backlog_bytes > peer.limit // 2:
                     self._spill(peer)
@@ -1979,7 +2042,7 @@ class Hub:
                 peer.held.update((m, p) for m, (n, p) in announcing.items() if m != peer.mesh_id and n > peer.greeted)
                 continue
             for frame in news if news is shared else participants_frames(news):
-                peer.send_bytes(frame)
+                peer.send(frame)
                 self.stats.frames_out[Participants] += 1
 
     async def close_all(self, code: int, reason: str) -> None:
@@ -1987,7 +2050,7 @@ class Hub:
         peers = list(self.peers.values())
         for peer in peers:
             peer.close(code, reason)
-        pending = [peer.writer for peer in peers if peer.writer is not None] + list(self._tasks)
+        pending = [peer.writer for peer in peers if isinstance(peer.writer, asyncio.Task)] + list(self._tasks)
         if pending:
             await asyncio.wait(pending, timeout=2)
 
@@ -2608,11 +2671,11 @@ class Gateway:
         self.pending += 1
         self.stats.accepted += 1
         await send({"type": "websocket.accept"})
-        extension = scope.get("extensions", {}).get(SOCKET_EXTENSION)
-        peer = Peer(send, self.settings, extension["ping"] if extension else None, self.stats)
-        peer.ip, peer.controls = client_ip(scope), extension
-        if extension:  # SIGTERM: the node confirms what it got before the 1012
-            extension["on_shutdown"](lambda: hub.drain_soon(peer))
+        socket: Socket | None = scope.get("extensions", {}).get(SOCKET_EXTENSION)
+        peer = Peer(send, self.settings, socket, self.stats)
+        peer.ip = client_ip(scope)
+        if socket is not None:  # SIGTERM: the node confirms what it got before the 1012
+            socket.set_on_shutdown(lambda: hub.drain_soon(peer))
         peer.auth_deadline = asyncio.get_running_loop().call_later(
             self.settings.auth_timeout_s, self._auth_timeout, peer
         )
@@ -2631,7 +2694,7 @@ class Gateway:
         except Exception:  # the one boundary per connection: a bug here closes this socket (1011), no other
             log.exception("mesh %s: connection failed", peer.mesh_id)
             peer.close(CLOSE_INTERNAL, "internal error")
-            if peer.writer is not None:
+            if isinstance(peer.writer, asyncio.Task):
                 await asyncio.wait([peer.writer], timeout=2)
         finally:
             self.sockets -= 1
@@ -2718,8 +2781,8 @@ class Gateway:
             return
         self.pending -= 1
         self.stats.auth_ok += 1
-        if peer.controls is not None:
-            peer.controls["authenticated"]()  # its messages may now be up to WS_MAX_BYTES
+        if peer.socket is not None:
+            peer.socket.authenticated()  # its messages may now be up to WS_MAX_BYTES
         peer.mesh_id, peer.name = mesh.mesh_id, mesh.name
         peer.participants, peer.public_rooms = frame.participants, frame.public_rooms
         await hub.attach(peer, AuthOk(mesh_id=mesh.mesh_id, name=mesh.name))
@@ -2730,8 +2793,8 @@ class Gateway:
             self.stats.auth_failed["timeout"] += 1
             peer.send_frame(AuthError(message="Auth timeout"))
             peer.close(CLOSE_POLICY, "auth timeout")
-            if peer.controls is not None:  # it may not read its close: the socket goes anyway
-                asyncio.get_running_loop().call_later(1.0, peer.controls["abort"])
+            if peer.socket is not None:  # it may not read its close: the socket goes anyway
+                asyncio.get_running_loop().call_later(1.0, peer.socket.abort)
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -2739,48 +2802,107 @@ def create_app(settings: Settings | None = None) -> Starlette:
     return Starlette(routes=gateway.routes, lifespan=gateway.lifespan)
 
 
-# What GatewayProtocol offers the app in scope["extensions"]: "ping" (a ConfirmPing),
-# "on_shutdown" (register the SIGTERM callback), "authenticated" (lift the pre-auth message
-# size limit) and "abort" (drop the connection, for a peer that does not read its close).
+# GatewayProtocol puts itself in scope["extensions"] under this key: a `Socket`.
 SOCKET_EXTENSION = "mesh_gateway.socket"
 PRE_AUTH_MAX_BYTES = 16 * 1024  # the largest message before gateway_auth_ok (an auth frame is far smaller)
 MAX_HEADER_BYTES = 16 * 1024  # HTTP request headers; larger: 431
+# The header of an unmasked, unfragmented text frame of n < 126 bytes (RFC 6455 5.2).
+SHORT_TEXT_HEADERS = [bytes((0x81, n)) for n in range(126)]
+
+
+def text_frame_header(size: int) -> bytes:
+    """The server-side header of one text frame (FIN, opcode 1, no mask) of `size` bytes."""
+    if size < 126:
+        return SHORT_TEXT_HEADERS[size]
+    if size < 65536:
+        return struct.pack("!BBH", 0x81, 126, size)
+    return struct.pack("!BBQ", 0x81, 127, size)
 
 
 @functools.cache
 def gateway_protocol(send_buffer_bytes: int) -> type[asyncio.Protocol]:
-    """uvicorn's websockets-sansio protocol plus what ASGI cannot say: send a ping and hear
-    its pong (a node's pong confirms every frame before the ping); on shutdown let the app
+    """uvicorn's websockets-sansio protocol plus what ASGI cannot say (the `Socket` the app
+    finds in its scope): write every frame queued for a socket in one transport write, with
+    no ASGI message, coroutine or websockets frame object per frame; send a ping and hear its
+    pong (a node's pong confirms every frame before the ping); on shutdown let the app
     collect those confirmations before it closes with 1012; messages of at most 16 KiB
     until the socket authenticates; pongs count against the send buffer (a peer that pings
-    and never reads is dropped); and an abort. Built on first use, so importing the
-    gateway does not import uvicorn."""
+    and never reads is dropped); and an abort. The handshake's request and response are
+    dropped once it is through (an idle socket holds less). Built on first use, so
+    importing the gateway does not import uvicorn."""
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+    from websockets.protocol import State
+
+    open_state = State.OPEN
 
     class GatewayProtocol(WebSocketsSansIOProtocol):
+        on_shutdown: Callable[[], None] | None = None
+        on_writable: Callable[[], None] | None = None
+        confirm_waiters: dict[bytes, Callable[[], None]] | None = None  # made by the first ping
+        confirm_count = 0
+
         def handle_connect(self, event: Any) -> None:
-            self.confirm_waiters: dict[bytes, Callable[[], None]] = {}
-            self.confirm_count = 0
-            self.on_shutdown: Callable[[], None] | None = None
             self.conn.max_message_size = min(self.config.ws_max_size, PRE_AUTH_MAX_BYTES)
             super().handle_connect(event)
             if self.handshake_initiated and hasattr(self, "scope"):  # the app runs from the next loop turn
-                extension: dict[object, object] = {
-                    "ping": self.confirm_ping,
-                    "on_shutdown": self.set_on_shutdown,
-                    "authenticated": self.authenticated,
-                    "abort": self.transport.abort,
-                }
-                self.scope["extensions"][SOCKET_EXTENSION] = extension
+                extensions: dict[str, Any] = self.scope["extensions"]  # ASGI's types say dicts; ours is this
+                extensions[SOCKET_EXTENSION] = self
+
+        async def send(self, message: Any) -> None:
+            await super().send(message)
+            if message["type"] == "websocket.accept" and self.handshake_complete:
+                del self.request, self.response  # the handshake is through: never read again
+
+        @property
+        def paused(self) -> bool:
+            return not self.writable.is_set()
+
+        def write_texts(self, frames: list[bytes]) -> None:
+            if self.close_sent or self.disconnected or self.conn.state is not open_state:
+                return  # closing: the app hears of it from its receive
+            if self.conn.extensions:  # per-message deflate was negotiated: websockets compresses
+                for frame in frames:
+                    self.conn.send_text(frame)
+                self.transport.write(b"".join(self.conn.data_to_send()))
+                return
+            parts = []
+            for frame in frames:
+                parts.append(text_frame_header(len(frame)))
+                parts.append(frame)
+            self.transport.write(b"".join(parts))
+
+        def when_writable(self, callback: Callable[[], None]) -> None:
+            if self.disconnected:
+                callback()
+            else:
+                self.on_writable = callback
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            self._writable()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            super().connection_lost(exc)
+            self._writable()
+
+        def _writable(self) -> None:
+            if self.on_writable is not None:
+                callback, self.on_writable = self.on_writable, None
+                callback()
 
         def authenticated(self) -> None:
             self.conn.max_message_size = self.config.ws_max_size
 
-        def confirm_ping(self, callback: Callable[[], None]) -> bool:
+        def abort(self) -> None:
+            self.transport.abort()
+
+        def ping(self, callback: Callable[[], None]) -> bool:
             if self.close_sent or self.disconnected or self.transport.is_closing():
                 return False
             self.confirm_count += 1
             payload = b"confirm-%d" % self.confirm_count  # never 4 bytes: uvicorn's keepalive pings are
+            if self.confirm_waiters is None:
+                self.confirm_waiters = {}
             self.confirm_waiters[payload] = callback
             self.conn.send_ping(payload)
             self.transport.write(b"".join(self.conn.data_to_send()))
@@ -2794,7 +2916,8 @@ def gateway_protocol(send_buffer_bytes: int) -> type[asyncio.Protocol]:
             super().handle_ping()
 
         def handle_pong(self, event: Any) -> None:
-            callback = self.confirm_waiters.pop(bytes(event.data), None)
+            waiters = self.confirm_waiters
+            callback = waiters.pop(bytes(event.data), None) if waiters else None
             if callback is None:
                 super().handle_pong(event)  # a keepalive pong
             elif not self.disconnected:
