@@ -2819,6 +2819,31 @@ def text_frame_header(size: int) -> bytes:
     return struct.pack("!BBQ", 0x81, 127, size)
 
 
+NEED_MORE, NOT_OURS = 0, -1  # what client_frame_head says instead of an opcode
+
+
+def client_frame_head(data: bytes, pos: int, max_size: int | None) -> tuple[int, int, int]:
+    """The client frame at `pos` (RFC 6455 5.2): (opcode, payload start, payload size) for a
+    masked, final text (1), binary (2), ping (9) or pong (10) frame within `max_size`;
+    (NEED_MORE, 0, 0) if its header is not all here; (NOT_OURS, 0, 0) for anything else
+    (RSV bits, unmasked, a fragment, a close, a control frame over 125 bytes, too big)."""
+    available = len(data) - pos
+    if available < 2:
+        return NEED_MORE, 0, 0
+    first, second = data[pos], data[pos + 1]
+    opcode, size = first & 0x0F, second & 0x7F
+    if first & 0xF0 != 0x80 or not second & 0x80 or opcode not in (1, 2, 9, 10) or (opcode > 2 and size > 125):
+        return NOT_OURS, 0, 0
+    head = 6 if size < 126 else 8 if size == 126 else 14
+    if available < head:
+        return NEED_MORE, 0, 0
+    if size >= 126:
+        size = int.from_bytes(data[pos + 2 : pos + head - 4])
+    if max_size is not None and size > max_size:
+        return NOT_OURS, 0, 0
+    return opcode, pos + head, size
+
+
 @functools.cache
 def gateway_protocol(send_buffer_bytes: int) -> type[asyncio.Protocol]:
     """uvicorn's websockets-sansio protocol plus what ASGI cannot say (the `Socket` the app
@@ -2831,7 +2856,13 @@ def gateway_protocol(send_buffer_bytes: int) -> type[asyncio.Protocol]:
     dropped once it is through (an idle socket holds less). Built on first use, so
     importing the gateway does not import uvicorn."""
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+    from websockets.frames import Frame, Opcode
     from websockets.protocol import State
+
+    try:
+        from websockets.speedups import apply_mask  # websockets' C helper
+    except ImportError:  # pragma: no cover - websockets built without its C extension
+        from websockets.utils import apply_mask
 
     open_state = State.OPEN
 
@@ -2840,6 +2871,50 @@ def gateway_protocol(send_buffer_bytes: int) -> type[asyncio.Protocol]:
         on_writable: Callable[[], None] | None = None
         confirm_waiters: dict[bytes, Callable[[], None]] | None = None  # made by the first ping
         confirm_count = 0
+        # Frame parsing: websockets' parser until the handshake is through, then our own
+        # (`parse_frames`) for as long as the client sends what it handles; anything else
+        # (a close, a fragment, a frame too big, a protocol error) goes to websockets' parser
+        # from that frame on, for good. `early` marks bytes that reached websockets' parser
+        # after the request (a client that did not wait for the 101): it then keeps them all.
+        own_parser = False
+        early = False
+        unparsed = b""
+
+        def data_received(self, data: bytes) -> None:
+            if self.own_parser:
+                self.parse_frames(self.unparsed + data if self.unparsed else data)
+                return
+            if self.handshake_initiated:
+                self.early = True
+            super().data_received(data)
+
+        def parse_frames(self, data: bytes) -> None:
+            """Masked, unfragmented text, binary, ping and pong frames from the client, handled
+            as websockets would; the first other frame and everything after it go to websockets'
+            parser. Measured: websockets' generator-based parser was a fifth of the gateway's
+            CPU in the relay bench."""
+            pos, end = 0, len(data)
+            while pos < end:
+                opcode, start, size = client_frame_head(data, pos, self.conn.max_message_size)
+                if opcode == NOT_OURS:
+                    self.own_parser, self.unparsed = False, b""
+                    super().data_received(data[pos:])
+                    return
+                if opcode == NEED_MORE or end < start + size:
+                    break
+                payload = apply_mask(data[start : start + size], data[start - 4 : start])
+                pos = start + size
+                if opcode == 9:
+                    self.handle_ping(payload)
+                elif opcode == 10:
+                    self.handle_pong(Frame(Opcode.PONG, payload))
+                else:
+                    self.curr_msg_data_type = "text" if opcode == 1 else "bytes"
+                    self.frames = [payload]
+                    self.send_receive_event_to_app()
+                if self.disconnected or self.transport.is_closing():
+                    return
+            self.unparsed = data[pos:]
 
         def handle_connect(self, event: Any) -> None:
             self.conn.max_message_size = min(self.config.ws_max_size, PRE_AUTH_MAX_BYTES)
@@ -2852,6 +2927,7 @@ def gateway_protocol(send_buffer_bytes: int) -> type[asyncio.Protocol]:
             await super().send(message)
             if message["type"] == "websocket.accept" and self.handshake_complete:
                 del self.request, self.response  # the handshake is through: never read again
+                self.own_parser = not self.early and not self.conn.extensions
 
         @property
         def paused(self) -> bool:
@@ -2908,11 +2984,14 @@ def gateway_protocol(send_buffer_bytes: int) -> type[asyncio.Protocol]:
             self.transport.write(b"".join(self.conn.data_to_send()))
             return True
 
-        def handle_ping(self) -> None:
+        def handle_ping(self, payload: bytes | None = None) -> None:
+            """A ping (`payload` when our parser read it; else websockets queued the pong)."""
             if self.transport.get_write_buffer_size() > send_buffer_bytes:  # pings, and never reads
                 self.logger.warning("%s:%d - pinging without reading: dropped", *(self.client or ("?", 0)))
                 self.transport.abort()
                 return
+            if payload is not None and self.conn.state is open_state:
+                self.conn.send_pong(payload)
             super().handle_ping()
 
         def handle_pong(self, event: Any) -> None:

@@ -824,6 +824,39 @@ async def test_bad_frames_before_auth_get_the_same_errors(gate: Gate) -> None:
     await node.expect("gateway_auth_error", message="Not authenticated")
 
 
+async def test_frames_split_and_coalesced_across_reads_all_arrive_in_order(gate: Gate) -> None:
+    """The gateway's own frame parser: frames cut at every byte, many in one read, a ping among
+    them, and a fragmented message (handed to websockets' parser with all that follows)."""
+    a = await gate.node("a")
+    assert (await gate.register("b")).status_code == 200
+    b = await RawNode.open(gate)
+    await b.auth("b")
+
+    def relay(n: int) -> bytes:
+        frame = {"type": "gateway_relay", "targetMeshId": "a", "payload": {"type": f"m{n}"}, "id": str(n)}
+        return json.dumps(frame).encode()
+
+    protocol = b.protocol
+    for n in range(3):
+        protocol.send_text(relay(n))
+    protocol.send_ping(b"ping")
+    protocol.send_binary(relay(3))
+    protocol.send_text(relay(4) + b" " * 200)  # a 16-bit length
+    for byte in b"".join(protocol.data_to_send()):  # one byte per write
+        b.writer.write(bytes([byte]))
+        await b.writer.drain()
+    for n in range(5, 8):
+        protocol.send_text(relay(n))
+    text = relay(8)
+    protocol.send_text(text[:10], fin=False)  # a fragmented message: websockets parses from here on
+    protocol.send_continuation(text[10:], fin=True)
+    protocol.send_text(relay(9))
+    b.writer.write(b"".join(protocol.data_to_send()))  # all in one write
+    got = [(await a.expect("gateway_incoming"))["payload"]["type"] for _ in range(10)]
+    assert got == [f"m{n}" for n in range(10)]
+    assert [(await b.answer(str(n)))["type"] for n in range(10)] == ["gateway_ack"] * 10
+
+
 async def test_invalid_utf8_text_frame_closes_1007(gate: Gate) -> None:
     a = await gate.node("a")
     await a.ws.send(b'{"type":"gateway_discover","x":"\xff"}', text=True)
