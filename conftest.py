@@ -222,7 +222,7 @@ class Gate:
 
 @contextlib.asynccontextmanager
 async def running(settings: Settings, app: Any = None, prefix: str = "") -> AsyncIterator[Gate]:
-    app = app or gw.create_app(settings)
+    app = app or gw.serving_app(gw.Gateway(settings))  # what `python gateway.py` serves
     async with serve(app, settings) as addr, httpx.AsyncClient(base_url=f"http://{addr}", timeout=TIMEOUT) as http:
         gate = Gate([addr], http, prefix)
         async with gate.stack:
