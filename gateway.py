@@ -405,10 +405,7 @@ def hash_batch(jobs: list[tuple[str, str | None]]) -> list[str | bool]:
 
 def start_worker(gateway_pid: int) -> None:
     """A hashing process exits with its gateway, even one killed with SIGKILL (its parent is the
-    fork server, which outlives the gateway while any worker holds its liveness pipe). It runs
-    at a lower priority than the gateway: where they share a CPU, a storm of secret checks
-    waits for the connected meshes' frames, not the other way round."""
-    os.nice(WORKER_NICENESS)
+    fork server, which outlives the gateway while any worker holds its liveness pipe)."""
 
     def watch() -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -421,9 +418,6 @@ def start_worker(gateway_pid: int) -> None:
         os._exit(0)
 
     threading.Thread(target=watch, daemon=True).start()
-
-
-WORKER_NICENESS = 10
 
 
 class Hasher:
