@@ -7,6 +7,7 @@ Shared helpers and fixtures: conftest.py. The cluster (three processes, one Redi
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import json
@@ -254,6 +255,28 @@ async def opened_store(folder: Path, **overrides: Any) -> AsyncIterator[gw.Sqlit
         yield store
     finally:
         await store.close()
+
+
+async def test_a_big_store_batch_resolves_in_order_a_few_futures_a_turn(tmp_path: Path) -> None:
+    async with opened_store(tmp_path) as store:
+        loop = asyncio.get_running_loop()
+        turn = 0  # loop turns so far
+        resolved: list[tuple[int, int]] = []  # (turn, value)
+
+        def count_turns() -> None:
+            nonlocal turn
+            turn += 1
+            if len(resolved) < 300:
+                loop.call_soon(count_turns)
+
+        count_turns()
+        futures = [store.call(lambda n=n: n) for n in range(300)]  # one batch in the writer thread
+        for future in futures:
+            future.add_done_callback(lambda done: resolved.append((turn, done.result())))
+        await asyncio.gather(*futures)
+        assert [value for _, value in resolved] == list(range(300))  # every one, in order
+        per_turn = collections.Counter(t for t, _ in resolved)
+        assert max(per_turn.values()) <= gw.SETTLE_PER_TURN  # never all in one turn
 
 
 async def test_store_registry_compare_and_set(tmp_path: Path) -> None:
@@ -1193,6 +1216,34 @@ async def test_handshakes_past_the_caps_get_503(tmp_path: Path) -> None:
             await gate.connect()
         assert refused.value.response.status_code == 503
         await relay_all(a, "b", range(1), delivered=1)
+
+
+async def test_the_pacer_takes_up_a_few_new_connections_a_turn_in_order() -> None:
+    class Transport:
+        def __init__(self) -> None:
+            self.paused = False
+            self.closing = False
+
+        def pause_reading(self) -> None:
+            self.paused = True
+
+        def resume_reading(self) -> None:
+            self.paused = False
+
+        def is_closing(self) -> bool:
+            return self.closing
+
+    pacer = gw.Pacer(per_turn=4)
+    taken: list[int] = []
+    transports = [Transport() for _ in range(11)]
+    now = [pacer.admit(t, lambda n=n: taken.append(n)) for n, t in enumerate(transports)]  # type: ignore[arg-type]
+    assert now == [True] * 4 + [False] * 7 and all(t.paused for t in transports[4:])
+    transports[5].closing = True  # it left while waiting: skipped
+    await asyncio.sleep(0)
+    assert taken == [4, 6, 7, 8] and not transports[4].paused  # the next turn: four more, in order
+    await asyncio.sleep(0)
+    assert taken == [4, 6, 7, 8, 9, 10]
+    assert pacer.admit(Transport(), lambda: None)  # nobody waits: at once  # type: ignore[arg-type]
 
 
 async def test_failed_auths_are_throttled_per_mesh_and_per_ip(tmp_path: Path) -> None:
