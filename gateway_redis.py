@@ -112,7 +112,17 @@ class BusChanged(Bus, tag="changed"):
     close: bool = False
 
 
-bus_decoder = msgspec.json.Decoder(BusRelay | BusBroadcast | BusPresence | BusLeave | BusChanged)
+BusItem = BusRelay | BusBroadcast | BusPresence | BusLeave | BusChanged
+
+
+class BusBatch(Bus, tag="batch"):
+    """What one PUBLISH carries: every message for its channel queued in one drain turn, in order."""
+
+    items: list[BusItem]
+
+
+# A single message (not in a batch) is what processes sent before batching: still read.
+bus_decoder = msgspec.json.Decoder(BusBatch | BusItem)
 presence_decoder = msgspec.json.Decoder(Presence)
 
 # Redis keys and channels (also in README.md).
@@ -160,7 +170,7 @@ class RedisBackplane:
         self.hub: Hub | None = None
         self.stats = Stats()  # the hub's, from start()
         self.task: asyncio.Task[None] | None = None
-        self.outbox: list[tuple[str, bytes, asyncio.Future[int]]] = []  # PUBLISHes for the next pipeline
+        self.outbox: list[tuple[str, BusItem, asyncio.Future[int]]] = []  # messages for the next pipeline
         self.drainer: asyncio.Task[None] | None = None
         self._imported = False
 
@@ -209,23 +219,22 @@ class RedisBackplane:
         )
 
     def relay(self, node: str, mesh_id: str, frame: bytes) -> asyncio.Future[int]:
-        return self._publish(CHANNEL_NODE + node, encoder.encode(BusRelay(mesh_id=mesh_id, frame=msgspec.Raw(frame))))
+        return self._publish(CHANNEL_NODE + node, BusRelay(mesh_id=mesh_id, frame=msgspec.Raw(frame)))
 
     def broadcast(self, sender: str, frame: bytes) -> asyncio.Future[int]:
-        return self._publish(
-            CHANNEL_BUS, encoder.encode(BusBroadcast(node=self.node, sender=sender, frame=msgspec.Raw(frame)))
-        )
+        return self._publish(CHANNEL_BUS, BusBroadcast(node=self.node, sender=sender, frame=msgspec.Raw(frame)))
 
     async def notify(self, mesh_id: str, *, name: str | None = None, close: bool = False) -> None:
         if not self.link.healthy:
             raise BackplaneUnavailable
-        await self._publish(CHANNEL_BUS, encoder.encode(BusChanged(mesh_id, name, close)))
+        await self._publish(CHANNEL_BUS, BusChanged(mesh_id, name, close))
 
-    def _publish(self, channel: str, data: bytes) -> asyncio.Future[int]:
-        """PUBLISH, pipelined: what every socket publishes meanwhile goes in one round trip.
-        The future holds how many processes received it (BackplaneUnavailable if Redis failed)."""
+    def _publish(self, channel: str, message: BusItem) -> asyncio.Future[int]:
+        """PUBLISH, batched: what every socket publishes meanwhile goes in one round trip, one
+        PUBLISH per channel. The future holds how many processes received it (BackplaneUnavailable
+        if Redis failed)."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self.outbox.append((channel, data, future))
+        self.outbox.append((channel, message, future))
         self._wake()
         return future
 
@@ -237,23 +246,25 @@ class RedisBackplane:
         try:
             while self.outbox:
                 batch, self.outbox = self.outbox, []
+                groups = publish_groups(batch)
                 pipe = self.redis.pipeline(transaction=False)
-                for channel, data, _ in batch:
-                    pipe.publish(channel, data)
+                for channel, items, _ in groups:
+                    pipe.publish(channel, encoder.encode(BusBatch(items)))
                 started = time.monotonic()
                 try:
                     results = await pipe.execute()
                     self.stats.publish.observe(time.monotonic() - started)
                 except self.link.errors as exc:
                     log.warning("backplane publish failed: %r", exc)
-                    results = [BackplaneUnavailable()] * len(batch)
-                for (*_, future), result in zip(batch, results, strict=True):
-                    if future.done():
-                        continue  # its sender went away
-                    if isinstance(result, Exception):
-                        future.set_exception(result)
-                    else:
-                        future.set_result(result)
+                    results = [BackplaneUnavailable()] * len(groups)
+                for (*_, futures), result in zip(groups, results, strict=True):
+                    for future in futures:
+                        if future.done():
+                            continue  # its sender went away
+                        if isinstance(result, Exception):
+                            future.set_exception(result)
+                        else:  # a batch to a process that is gone (0) is not delivered: each sender keeps its frame
+                            future.set_result(result)
         finally:
             self.drainer = None
 
@@ -302,12 +313,16 @@ class RedisBackplane:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
 
     def _receive(self, data: bytes) -> None:
-        assert self.hub is not None
         try:
             message = bus_decoder.decode(data)
         except msgspec.DecodeError as exc:
             log.error("unreadable backplane message: %s", exc)
             return
+        for item in message.items if isinstance(message, BusBatch) else (message,):
+            self._handle(item)
+
+    def _handle(self, message: BusItem) -> None:
+        assert self.hub is not None
         match message:
             case BusRelay(mesh_id=mesh_id, frame=frame):
                 self.hub.deliver(mesh_id, bytes(frame))
@@ -360,6 +375,29 @@ class RedisBackplane:
         if dead:
             await self.redis.srem(KEY_NODES, *dead)
         self.hub.resync(remote)
+
+
+Group = tuple[str, list[BusItem], list[asyncio.Future[int]]]  # a channel, its messages, their senders' futures
+
+
+def publish_groups(batch: list[tuple[str, BusItem, asyncio.Future[int]]]) -> list[Group]:
+    """One PUBLISH per channel for a drain turn's messages, without reordering what one process
+    receives: a bus message (every process gets it) closes the open groups of process channels,
+    and a message to a process channel closes the open bus group. Relays to different processes
+    go to different meshes, so their groups may be published in any order."""
+    groups: dict[str, Group] = {}
+    done: list[Group] = []
+    for channel, message, future in batch:
+        if groups and (channel == CHANNEL_BUS) != (CHANNEL_BUS in groups):
+            done += groups.values()
+            groups = {}
+        group = groups.get(channel)
+        if group is None:
+            group = groups[channel] = (channel, [], [])
+        group[1].append(message)
+        group[2].append(future)
+    done += groups.values()
+    return done
 
 
 async def import_into_redis(client: Any, registry_path: str, db_path: str) -> None:
