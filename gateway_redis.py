@@ -580,6 +580,8 @@ class RedisMailboxes:
         self.refresh_s = min(1.0, self.ttl / 4)
         self.dropped = self.expired = 0
         self.seen_written = 0.0
+        self.keeping: list[tuple[list[str | bytes | float], asyncio.Future[int]]] = []  # for the next pipeline
+        self.keeper: asyncio.Task[None] | None = None
 
     def _future(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
         return asyncio.ensure_future(coroutine)
@@ -592,8 +594,35 @@ class RedisMailboxes:
             raise StoreError("Redis unavailable") from exc
 
     def keep(self, sender: str, target: str | None, frame: bytes) -> asyncio.Future[int]:
+        """Kept in the order asked, pipelined: one script call each on one connection (concurrent calls
+        on pooled connections reached Redis out of order, e.g. a burst of relays to a process that died)."""
         args: list[str | bytes | float] = [target or "", sender, time.time(), self.ttl, frame, self.max_messages]
-        return self._future(self._call(self.keep_script(keys=MAILBOX_KEYS, args=args)))
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.keeping.append((args, future))
+        if self.keeper is None:
+            self.keeper = asyncio.create_task(self._keep_all())
+        return future
+
+    async def _keep_all(self) -> None:
+        try:
+            while self.keeping:
+                batch, self.keeping = self.keeping, []
+                pipe = self.redis.pipeline(transaction=False)
+                for args, _ in batch:
+                    await self.keep_script(keys=MAILBOX_KEYS, args=args, client=pipe)  # queued in the pipeline
+                try:
+                    results = await self._call(pipe.execute(raise_on_error=False))
+                except StoreError as exc:
+                    results = [exc] * len(batch)
+                for (_, future), result in zip(batch, results, strict=True):
+                    if future.done():
+                        continue
+                    if isinstance(result, Exception):
+                        future.set_exception(StoreError(f"Redis: {result}"))
+                    else:
+                        future.set_result(result)
+        finally:
+            self.keeper = None
 
     def arrive(self, mesh_id: str, requeue: Requeue | None) -> asyncio.Future[Arrival]:
         self.readers.discard(mesh_id)
