@@ -384,6 +384,7 @@ class RedisBackplane:
 
 
 Group = tuple[str, list[BusItem], list[asyncio.Future[int]]]  # a channel, its messages, their senders' futures
+BATCH_BYTES = 1 << 20  # frames per PUBLISH, at most (past it, another PUBLISH): the receiver decodes one in one go
 
 
 def publish_groups(batch: list[tuple[str, BusItem, asyncio.Future[int]]]) -> list[Group]:
@@ -392,14 +393,20 @@ def publish_groups(batch: list[tuple[str, BusItem, asyncio.Future[int]]]) -> lis
     and a message to a process channel closes the open bus group. Relays to different processes
     go to different meshes, so their groups may be published in any order."""
     groups: dict[str, Group] = {}
+    sizes: dict[str, int] = {}
     done: list[Group] = []
     for channel, message, future in batch:
         if groups and (channel == CHANNEL_BUS) != (CHANNEL_BUS in groups):
             done += groups.values()
-            groups = {}
+            groups, sizes = {}, {}
+        size = len(message.frame) if isinstance(message, BusRelay | BusBroadcast) else 0
         group = groups.get(channel)
-        if group is None:
+        if group is None or (sizes[channel] + size > BATCH_BYTES and group[1]):
+            if group is not None:  # full: published before the channel's next group
+                done.append(group)
             group = groups[channel] = (channel, [], [])
+            sizes[channel] = 0
+        sizes[channel] += size
         group[1].append(message)
         group[2].append(future)
     done += groups.values()

@@ -340,6 +340,23 @@ async def test_publish_groups_one_per_channel_without_reordering_any_receiver() 
     assert all(futures == [future_of[id(i)] for i in items] for _, items, futures in groups)  # each sender's, once
 
 
+async def test_publish_groups_split_past_batch_bytes_in_order() -> None:
+    """A PUBLISH carries at most BATCH_BYTES of frames; the channel's next one follows it."""
+    loop = asyncio.get_running_loop()
+    n1, n2 = gateway_redis.CHANNEL_NODE + "n1", gateway_redis.CHANNEL_NODE + "n2"
+    big = b"x" * (gateway_redis.BATCH_BYTES * 2 // 5)  # two fit in one PUBLISH, three do not
+    items = [gateway_redis.BusRelay(mesh_id=str(i), frame=msgspec.Raw(big)) for i in range(5)]
+    small = gateway_redis.BusRelay(mesh_id="small", frame=msgspec.Raw(b"{}"))
+    batch = [(n1, item, loop.create_future()) for item in items] + [(n2, small, loop.create_future())]
+    groups = gateway_redis.publish_groups(batch)
+    assert [(channel, [i.mesh_id for i in group]) for channel, group, _ in groups] == [
+        (n1, ["0", "1"]),
+        (n1, ["2", "3"]),
+        (n1, ["4"]),
+        (n2, ["small"]),
+    ]
+
+
 async def publishes(client: aioredis.Redis) -> int:
     """PUBLISH commands Redis has run so far."""
     stats = await client.info("commandstats")
