@@ -57,6 +57,10 @@ class RedisLink:
             url, max_connections=32, timeout=2, socket_timeout=2, socket_connect_timeout=2
         )
         self.client = redis.Redis(connection_pool=pool)
+        # The listener's own connection speaks RESP2: with RESP3 (redis-py's default) every pub/sub
+        # message is a push, which redis-py formats into a debug string (a repr of the whole payload)
+        # before the log level is looked at: 5% of a cluster process's CPU under relay load (perf).
+        self.subscriber = redis.Redis.from_url(url, protocol=2, socket_timeout=2, socket_connect_timeout=2)
         self.errors: tuple[type[Exception], ...] = (redis.RedisError, OSError)
         self.up = asyncio.Event()  # set while healthy
 
@@ -81,8 +85,9 @@ class RedisLink:
             raise BackplaneUnavailable from exc
 
 
-# What processes tell each other on the bus channel and their own channels.
-class Bus(Struct, tag_field="k"):
+# What processes tell each other on the bus channel and their own channels. Not tracked by the
+# garbage collector (they hold no cycles): a batch decodes into hundreds of them.
+class Bus(Struct, tag_field="k", gc=False):
     pass
 
 
@@ -112,7 +117,17 @@ class BusChanged(Bus, tag="changed"):
     close: bool = False
 
 
-bus_decoder = msgspec.json.Decoder(BusRelay | BusBroadcast | BusPresence | BusLeave | BusChanged)
+BusItem = BusRelay | BusBroadcast | BusPresence | BusLeave | BusChanged
+
+
+class BusBatch(Bus, tag="batch"):
+    """What one PUBLISH carries: every message for its channel queued in one drain turn, in order."""
+
+    items: list[BusItem]
+
+
+# A single message (not in a batch) is what processes sent before batching: still read.
+bus_decoder = msgspec.json.Decoder(BusBatch | BusItem)
 presence_decoder = msgspec.json.Decoder(Presence)
 
 # Redis keys and channels (also in README.md).
@@ -160,7 +175,7 @@ class RedisBackplane:
         self.hub: Hub | None = None
         self.stats = Stats()  # the hub's, from start()
         self.task: asyncio.Task[None] | None = None
-        self.outbox: list[tuple[str, bytes, asyncio.Future[int]]] = []  # PUBLISHes for the next pipeline
+        self.outbox: list[tuple[str, BusItem, asyncio.Future[int]]] = []  # messages for the next pipeline
         self.drainer: asyncio.Task[None] | None = None
         self._imported = False
 
@@ -187,6 +202,7 @@ class RedisBackplane:
             await self.redis.delete(self.key)
             await self.redis.srem(KEY_NODES, self.node)
         await self.redis.aclose()
+        await self.link.subscriber.aclose()
 
     def _died(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -209,23 +225,22 @@ class RedisBackplane:
         )
 
     def relay(self, node: str, mesh_id: str, frame: bytes) -> asyncio.Future[int]:
-        return self._publish(CHANNEL_NODE + node, encoder.encode(BusRelay(mesh_id=mesh_id, frame=msgspec.Raw(frame))))
+        return self._publish(CHANNEL_NODE + node, BusRelay(mesh_id=mesh_id, frame=msgspec.Raw(frame)))
 
     def broadcast(self, sender: str, frame: bytes) -> asyncio.Future[int]:
-        return self._publish(
-            CHANNEL_BUS, encoder.encode(BusBroadcast(node=self.node, sender=sender, frame=msgspec.Raw(frame)))
-        )
+        return self._publish(CHANNEL_BUS, BusBroadcast(node=self.node, sender=sender, frame=msgspec.Raw(frame)))
 
     async def notify(self, mesh_id: str, *, name: str | None = None, close: bool = False) -> None:
         if not self.link.healthy:
             raise BackplaneUnavailable
-        await self._publish(CHANNEL_BUS, encoder.encode(BusChanged(mesh_id, name, close)))
+        await self._publish(CHANNEL_BUS, BusChanged(mesh_id, name, close))
 
-    def _publish(self, channel: str, data: bytes) -> asyncio.Future[int]:
-        """PUBLISH, pipelined: what every socket publishes meanwhile goes in one round trip.
-        The future holds how many processes received it (BackplaneUnavailable if Redis failed)."""
+    def _publish(self, channel: str, message: BusItem) -> asyncio.Future[int]:
+        """PUBLISH, batched: what every socket publishes meanwhile goes in one round trip, one
+        PUBLISH per channel. The future holds how many processes received it (BackplaneUnavailable
+        if Redis failed)."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self.outbox.append((channel, data, future))
+        self.outbox.append((channel, message, future))
         self._wake()
         return future
 
@@ -237,23 +252,25 @@ class RedisBackplane:
         try:
             while self.outbox:
                 batch, self.outbox = self.outbox, []
+                groups = publish_groups(batch)
                 pipe = self.redis.pipeline(transaction=False)
-                for channel, data, _ in batch:
-                    pipe.publish(channel, data)
+                for channel, items, _ in groups:
+                    pipe.publish(channel, encoder.encode(BusBatch(items)))
                 started = time.monotonic()
                 try:
                     results = await pipe.execute()
                     self.stats.publish.observe(time.monotonic() - started)
                 except self.link.errors as exc:
                     log.warning("backplane publish failed: %r", exc)
-                    results = [BackplaneUnavailable()] * len(batch)
-                for (*_, future), result in zip(batch, results, strict=True):
-                    if future.done():
-                        continue  # its sender went away
-                    if isinstance(result, Exception):
-                        future.set_exception(result)
-                    else:
-                        future.set_result(result)
+                    results = [BackplaneUnavailable()] * len(groups)
+                for (*_, futures), result in zip(groups, results, strict=True):
+                    for future in futures:
+                        if future.done():
+                            continue  # its sender went away
+                        if isinstance(result, Exception):
+                            future.set_exception(result)
+                        else:  # a batch to a process that is gone (0) is not delivered: each sender keeps its frame
+                            future.set_result(result)
         finally:
             self.drainer = None
 
@@ -274,7 +291,7 @@ class RedisBackplane:
             await asyncio.sleep(self.RETRY_S)
 
     async def _session(self) -> None:
-        pubsub = self.redis.pubsub()
+        pubsub = self.link.subscriber.pubsub()
         try:
             await pubsub.subscribe(CHANNEL_BUS, CHANNEL_NODE + self.node)
             if not self._imported:
@@ -302,12 +319,16 @@ class RedisBackplane:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
 
     def _receive(self, data: bytes) -> None:
-        assert self.hub is not None
         try:
             message = bus_decoder.decode(data)
         except msgspec.DecodeError as exc:
             log.error("unreadable backplane message: %s", exc)
             return
+        for item in message.items if isinstance(message, BusBatch) else (message,):
+            self._handle(item)
+
+    def _handle(self, message: BusItem) -> None:
+        assert self.hub is not None
         match message:
             case BusRelay(mesh_id=mesh_id, frame=frame):
                 self.hub.deliver(mesh_id, bytes(frame))
@@ -360,6 +381,36 @@ class RedisBackplane:
         if dead:
             await self.redis.srem(KEY_NODES, *dead)
         self.hub.resync(remote)
+
+
+Group = tuple[str, list[BusItem], list[asyncio.Future[int]]]  # a channel, its messages, their senders' futures
+BATCH_BYTES = 1 << 20  # frames per PUBLISH, at most (past it, another PUBLISH): the receiver decodes one in one go
+
+
+def publish_groups(batch: list[tuple[str, BusItem, asyncio.Future[int]]]) -> list[Group]:
+    """One PUBLISH per channel for a drain turn's messages, without reordering what one process
+    receives: a bus message (every process gets it) closes the open groups of process channels,
+    and a message to a process channel closes the open bus group. Relays to different processes
+    go to different meshes, so their groups may be published in any order."""
+    groups: dict[str, Group] = {}
+    sizes: dict[str, int] = {}
+    done: list[Group] = []
+    for channel, message, future in batch:
+        if groups and (channel == CHANNEL_BUS) != (CHANNEL_BUS in groups):
+            done += groups.values()
+            groups, sizes = {}, {}
+        size = len(message.frame) if isinstance(message, BusRelay | BusBroadcast) else 0
+        group = groups.get(channel)
+        if group is None or (sizes[channel] + size > BATCH_BYTES and group[1]):
+            if group is not None:  # full: published before the channel's next group
+                done.append(group)
+            group = groups[channel] = (channel, [], [])
+            sizes[channel] = 0
+        sizes[channel] += size
+        group[1].append(message)
+        group[2].append(future)
+    done += groups.values()
+    return done
 
 
 async def import_into_redis(client: Any, registry_path: str, db_path: str) -> None:
@@ -536,6 +587,8 @@ class RedisMailboxes:
         self.refresh_s = min(1.0, self.ttl / 4)
         self.dropped = self.expired = 0
         self.seen_written = 0.0
+        self.keeping: list[tuple[list[str | bytes | float], asyncio.Future[int]]] = []  # for the next pipeline
+        self.keeper: asyncio.Task[None] | None = None
 
     def _future(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
         return asyncio.ensure_future(coroutine)
@@ -548,8 +601,35 @@ class RedisMailboxes:
             raise StoreError("Redis unavailable") from exc
 
     def keep(self, sender: str, target: str | None, frame: bytes) -> asyncio.Future[int]:
+        """Kept in the order asked, pipelined: one script call each on one connection (concurrent calls
+        on pooled connections reached Redis out of order, e.g. a burst of relays to a process that died)."""
         args: list[str | bytes | float] = [target or "", sender, time.time(), self.ttl, frame, self.max_messages]
-        return self._future(self._call(self.keep_script(keys=MAILBOX_KEYS, args=args)))
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.keeping.append((args, future))
+        if self.keeper is None:
+            self.keeper = asyncio.create_task(self._keep_all())
+        return future
+
+    async def _keep_all(self) -> None:
+        try:
+            while self.keeping:
+                batch, self.keeping = self.keeping, []
+                pipe = self.redis.pipeline(transaction=False)
+                for args, _ in batch:
+                    await self.keep_script(keys=MAILBOX_KEYS, args=args, client=pipe)  # queued in the pipeline
+                try:
+                    results = await self._call(pipe.execute(raise_on_error=False))
+                except StoreError as exc:
+                    results = [exc] * len(batch)
+                for (_, future), result in zip(batch, results, strict=True):
+                    if future.done():
+                        continue
+                    if isinstance(result, Exception):
+                        future.set_exception(StoreError(f"Redis: {result}"))
+                    else:
+                        future.set_result(result)
+        finally:
+            self.keeper = None
 
     def arrive(self, mesh_id: str, requeue: Requeue | None) -> asyncio.Future[Arrival]:
         self.readers.discard(mesh_id)

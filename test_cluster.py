@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import redis.asyncio as aioredis
 
 import gateway_redis
@@ -297,3 +298,146 @@ async def test_thousand_meshes_over_three_processes(tmp_path: Path) -> None:
         frames = await asyncio.gather(*(n.expect("gateway_incoming", fromMeshId="k0") for n in nodes[1:]))
         assert len(frames) == count - 1
         await nodes[0].expect("gateway_ack", id="all", delivered=count - 1)
+
+
+# --- Batched publishing ---------------------------------------------------------------------------
+
+
+async def test_publish_groups_one_per_channel_without_reordering_any_receiver() -> None:
+    """A drain turn's messages: one PUBLISH per channel, but a bus message (every process gets it)
+    is never overtaken by, nor overtakes, a relay queued on the other side of it."""
+    loop = asyncio.get_running_loop()
+    bus, n1, n2 = gateway_redis.CHANNEL_BUS, gateway_redis.CHANNEL_NODE + "n1", gateway_redis.CHANNEL_NODE + "n2"
+
+    def relay(n: int) -> gateway_redis.BusRelay:
+        return gateway_redis.BusRelay(mesh_id="m", frame=msgspec.Raw(b"%d" % n))
+
+    def broadcast(n: int) -> gateway_redis.BusBroadcast:
+        return gateway_redis.BusBroadcast(node="n0", sender="s", frame=msgspec.Raw(b"%d" % n))
+
+    queued: list[tuple[str, gateway_redis.BusItem]] = [
+        (n1, relay(1)),
+        (n2, relay(2)),
+        (n1, relay(3)),
+        (bus, broadcast(4)),
+        (bus, gateway_redis.BusChanged("m", name="new")),
+        (n1, relay(6)),
+        (bus, broadcast(7)),
+        (n2, relay(8)),
+        (n2, relay(9)),
+    ]
+    batch = [(channel, item, loop.create_future()) for channel, item in queued]
+    groups = gateway_redis.publish_groups(batch)
+    assert [(channel, [queued.index((channel, i)) + 1 for i in items]) for channel, items, _ in groups] == [
+        (n1, [1, 3]),
+        (n2, [2]),
+        (bus, [4, 5]),
+        (n1, [6]),
+        (bus, [7]),
+        (n2, [8, 9]),
+    ]
+    future_of = {id(item): future for _, item, future in batch}
+    assert all(futures == [future_of[id(i)] for i in items] for _, items, futures in groups)  # each sender's, once
+
+
+async def test_publish_groups_split_past_batch_bytes_in_order() -> None:
+    """A PUBLISH carries at most BATCH_BYTES of frames; the channel's next one follows it."""
+    loop = asyncio.get_running_loop()
+    n1, n2 = gateway_redis.CHANNEL_NODE + "n1", gateway_redis.CHANNEL_NODE + "n2"
+    big = b"x" * (gateway_redis.BATCH_BYTES * 2 // 5)  # two fit in one PUBLISH, three do not
+    items = [gateway_redis.BusRelay(mesh_id=str(i), frame=msgspec.Raw(big)) for i in range(5)]
+    small = gateway_redis.BusRelay(mesh_id="small", frame=msgspec.Raw(b"{}"))
+    batch = [(n1, item, loop.create_future()) for item in items] + [(n2, small, loop.create_future())]
+    groups = gateway_redis.publish_groups(batch)
+    assert [(channel, [i.mesh_id for i in group]) for channel, group, _ in groups] == [
+        (n1, ["0", "1"]),
+        (n1, ["2", "3"]),
+        (n1, ["4"]),
+        (n2, ["small"]),
+    ]
+
+
+async def publishes(client: aioredis.Redis) -> int:
+    """PUBLISH commands Redis has run so far."""
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_publish", {}).get("calls", 0))
+
+
+async def burst(node: RawNode, frames: list[dict[str, Any]]) -> None:
+    """Every frame in one write, so the gateway reads (and publishes) many of them in one loop turn."""
+    node.hold()
+    for frame in frames:
+        await node.send(**frame)
+    node.release()
+
+
+async def test_burst_to_several_processes_arrives_once_in_order_batched(tmp_path: Path) -> None:
+    """Hundreds of relays to meshes on two other processes, and broadcasts between them, read in one
+    go: each receiver gets each frame once, in the order sent; Redis ran far fewer PUBLISHes."""
+    async with cluster(tmp_path) as (gate, redis, _):
+        assert (await gate.register("a")).status_code == 200
+        a = await RawNode.open(gate, gate.addrs[0])
+        await a.auth("a")
+        b = await gate.node("b", addr=gate.addrs[1])
+        c = await gate.node("c", addr=gate.addrs[2])
+        d = await gate.node("d", addr=gate.addrs[0])  # the sender's own process: delivered there, not published
+        await gate.agree()
+        client = aioredis.Redis.from_url(redis.url)
+        before = await publishes(client)
+        frames: list[dict[str, Any]] = []
+        expected: dict[str, list[Any]] = {"b": [], "c": [], "d": []}
+        for i in range(300):
+            for target in ("b", "c"):
+                frames.append(dict(type="gateway_relay", targetMeshId=target, payload={"type": "m", "message": i}))
+                frames[-1]["id"] = f"{target}{i}"
+                expected[target].append(i)
+            if i % 25 == 0:
+                frames.append(dict(type="gateway_broadcast", payload={"type": "m", "message": f"all{i}"}, id=f"all{i}"))
+                for receiver in expected.values():
+                    receiver.append(f"all{i}")
+        await burst(a, frames)
+        answers = {}
+        for _ in frames:
+            answer = await a.recv()
+            assert answer["type"] == "gateway_ack" and answer["id"] not in answers, answer
+            answers[answer["id"]] = answer["delivered"]
+        assert answers == {f["id"]: 3 if f["type"] == "gateway_broadcast" else 1 for f in frames}
+        for name, node in (("b", b), ("c", c), ("d", d)):
+            received = [await node.expect("gateway_incoming", fromMeshId="a") for _ in expected[name]]
+            assert contents(received) == expected[name]
+            await node.quiet()  # nothing twice
+        published = await publishes(client) - before
+        await client.aclose()
+        assert published < len(frames) / 5, published  # batched: one PUBLISH per channel per drain turn
+
+
+async def test_burst_to_a_gone_process_is_kept_in_order(tmp_path: Path) -> None:
+    """A batch of relays published to a process that died (PUBLISH counts 0): every relay in it
+    is kept, acked as queued, and delivered once, in order, when the mesh is back."""
+    async with cluster(tmp_path) as (gate, redis, procs):
+        assert (await gate.register("a")).status_code == 200
+        a = await RawNode.open(gate, gate.addrs[0])
+        await a.auth("a")
+        b = await gate.node("b", addr=gate.addrs[1])
+        procs[1].kill()
+        procs[1].wait()
+        gate.addrs.pop(1)
+        client = aioredis.Redis.from_url(redis.url)
+        async with asyncio.timeout(TIMEOUT):  # Redis dropped its subscription; its presence lingers
+            while len(await client.pubsub_channels("mesh:node:*")) != 2:
+                await asyncio.sleep(0.01)
+        await client.aclose()
+        count = 200
+        await burst(
+            a,
+            [
+                dict(type="gateway_relay", targetMeshId="b", payload={"type": "m", "message": i}, id=f"r{i}")
+                for i in range(count)
+            ],
+        )
+        answers = [await a.expect("gateway_ack", delivered=0, queued=1) for _ in range(count)]
+        assert sorted(f["id"] for f in answers) == sorted(f"r{i}" for i in range(count))
+        back, kept = await returning(gate, "b", count)
+        assert contents(kept) == list(range(count))
+        await back.quiet()
+        del b
