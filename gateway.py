@@ -19,6 +19,7 @@ import bisect
 import collections
 import contextlib
 import functools
+import gc
 import hashlib
 import hmac
 import logging
@@ -3209,7 +3210,20 @@ def main(argv: list[str] | None = None) -> None:
     gateway = Gateway(settings)
     app = serving_app(gateway)
     config = uvicorn.Config(app, **uvicorn_options(settings), log_config=None)  # our logging, one format
+    config.load()  # everything the server runs is imported now, before tune_gc
+    tune_gc()
     draining_server(gateway)(config).run(sockets=[listener])
+
+
+def tune_gc() -> None:
+    """`python gateway.py` only (a host keeps its own): the objects of start-up (modules,
+    classes, the app) leave the cycle collector's view for good (`gc.freeze`), and the
+    youngest generation is collected every 10,000 net allocations instead of 700. Measured
+    with `gc.callbacks` in a 5,000-mesh reconnect storm: the default made six collections of
+    the oldest generation, 110-394 ms each, the connected meshes' worst stalls; with this,
+    none until the storm's sockets closed."""
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
 
 
 def preflight(settings: Settings) -> socket.socket:

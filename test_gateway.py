@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -2070,6 +2071,16 @@ def test_version_and_help() -> None:
     for name in Settings.__struct_fields__:
         assert name.upper() in shown
     assert "OFFLINE_TTL_S            86400" in shown
+
+
+def test_tune_gc_freezes_start_up_and_collects_the_young_less_often() -> None:
+    before = gc.get_threshold()
+    try:
+        gw.tune_gc()
+        assert gc.get_freeze_count() > 0 and gc.get_threshold() == (10_000, 10, 10)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
 
 
 def test_python_gateway_py_loads_the_module_once() -> None:
