@@ -395,8 +395,8 @@ class NodeInstall:
         self.info["patched_sha256"] = hashlib.sha256(self.script.read_bytes()).hexdigest()
 
     async def _run(self, argv: list[str], name: str, timeout: float = NPM_TIMEOUT_S) -> str:
-        """Run a setup command in `dir` (output to `<tmp>/node-<name>.log`); its stdout, or RuntimeError."""
-        log_path = self.tmp / f"node-{name}.log"
+        """Run a setup command in `dir` (its output in `<tmp>/node-setup-<name>.log`); its stdout, or RuntimeError."""
+        log_path = self.tmp / f"node-setup-{name}.log"
         with open(log_path, "ab") as err:
             proc = await asyncio.create_subprocess_exec(
                 *argv, cwd=self.dir, stdout=asyncio.subprocess.PIPE, stderr=err, stdin=asyncio.subprocess.DEVNULL,
@@ -404,6 +404,7 @@ class NodeInstall:
             )  # fmt: skip
             try:
                 out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+                err.write(out)
             except TimeoutError:
                 await stop_pid(proc, grace=5.0)
                 raise RuntimeError(
