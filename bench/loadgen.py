@@ -95,7 +95,8 @@ def parse_content(content: str) -> tuple[int, int]:
     return int(content[2:22]), int(content[25:35])
 
 
-# Fast path: both servers put `type` first, so a delivery is recognised, and its
+# Fast path: all three servers (the gateway, the ceiling, the reference Node gateway: JSON.stringify, no
+# spaces) put `type` first and write `"content":"t=` as is, so a delivery is recognised, and its
 # stamp read, without decoding the JSON (the receivers' hottest line).
 INCOMING = b'{"type":"gateway_incoming"'
 STAMP = b'"content":"t='
