@@ -663,9 +663,11 @@ class WatcherRole(Role):
         self.task = asyncio.get_running_loop().create_task(self.ping_loop())
 
     async def ping_loop(self) -> None:
-        """Relay to itself and await the echo, back to back (or one every `interval_s`)."""
+        """Relay to itself and await the echo, back to back (or one every `interval_s`); an echo that takes
+        longer than `echo_timeout_s` (default 30) is an error."""
         loop = asyncio.get_running_loop()
         interval = float(self.job.get("interval_s", 0))
+        echo_timeout = float(self.job.get("echo_timeout_s", 30))
         seq, start = 0, time.monotonic()
         while self.running:
             seq += 1
@@ -673,10 +675,10 @@ class WatcherRole(Role):
             sent = time.monotonic_ns()
             self.mesh.send(RELAY % (self.mesh.id.encode(), seq, sent, seq))
             try:
-                async with asyncio.timeout(30):
+                async with asyncio.timeout(echo_timeout):
                     await self.waiter
             except TimeoutError:
-                self.stats.error("watcher: no echo within 30 s")
+                self.stats.error(f"watcher: no echo within {echo_timeout:.0f} s")
                 return
             self.record(sent)
             if interval:

@@ -377,7 +377,9 @@ async def _storm(spec: Spec, ctx: Context, n: int, *, participants: int = 0) -> 
         Fleet(ctx.tmp, "watcher") as watcher,
         Fleet(ctx.tmp, "storm") as storm,
     ):
-        await watcher.start([job("watcher", server, ctx, mesh=mesh_id(n))])
+        # The watcher's worst round trip is the storm's stall: it may last as long as the storm itself is
+        # allowed to (the reference Node gateway parses its whole registry per auth, back to back).
+        await watcher.start([job("watcher", server, ctx, mesh=mesh_id(n), echo_timeout_s=s.timeout_s)])
         # The storm runs niced so that the watcher's own process is not what stalls.
         params = {"nice": 5, "connect_timeout_s": s.timeout_s, "retries": 2}
         if participants:
