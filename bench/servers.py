@@ -446,7 +446,11 @@ class NodeRunning(Running):
         shutil.copyfile(install.script, workdir / "server.ts")
         if not self.store.registry.exists():
             self.store.registry.write_text("[]\n")
-        return [*self.spec.argv], {**os.environ, **self.spec.env, "PORT": str(self.port)}, workdir
+        # tsx caches what it transpiles under os.tmpdir(): keep that in the run's temp dir too.
+        scratch = install.dir / "tmp"
+        scratch.mkdir(exist_ok=True)
+        env = {**os.environ, **self.spec.env, "PORT": str(self.port), "TMPDIR": str(scratch)}
+        return [*self.spec.argv], env, workdir
 
 
 @dataclass(frozen=True)
