@@ -25,4 +25,6 @@ def test_bench_quick_mode_runs(tmp_path: Path) -> None:
         timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert json.loads(out.read_text())
+    report = json.loads(out.read_text())
+    # The quick run stays offline: the Node reference gateway (npm ci) runs only when --servers names it.
+    assert report["servers"] == ["gateway", "ceiling"]

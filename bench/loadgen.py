@@ -95,7 +95,8 @@ def parse_content(content: str) -> tuple[int, int]:
     return int(content[2:22]), int(content[25:35])
 
 
-# Fast path: both servers put `type` first, so a delivery is recognised, and its
+# Fast path: all three servers (the gateway, the ceiling, the reference Node gateway: JSON.stringify, no
+# spaces) put `type` first and write `"content":"t=` as is, so a delivery is recognised, and its
 # stamp read, without decoding the JSON (the receivers' hottest line).
 INCOMING = b'{"type":"gateway_incoming"'
 STAMP = b'"content":"t='
@@ -662,9 +663,11 @@ class WatcherRole(Role):
         self.task = asyncio.get_running_loop().create_task(self.ping_loop())
 
     async def ping_loop(self) -> None:
-        """Relay to itself and await the echo, back to back (or one every `interval_s`)."""
+        """Relay to itself and await the echo, back to back (or one every `interval_s`); an echo that takes
+        longer than `echo_timeout_s` (default 30) is an error."""
         loop = asyncio.get_running_loop()
         interval = float(self.job.get("interval_s", 0))
+        echo_timeout = float(self.job.get("echo_timeout_s", 30))
         seq, start = 0, time.monotonic()
         while self.running:
             seq += 1
@@ -672,10 +675,10 @@ class WatcherRole(Role):
             sent = time.monotonic_ns()
             self.mesh.send(RELAY % (self.mesh.id.encode(), seq, sent, seq))
             try:
-                async with asyncio.timeout(30):
+                async with asyncio.timeout(echo_timeout):
                     await self.waiter
             except TimeoutError:
-                self.stats.error("watcher: no echo within 30 s")
+                self.stats.error(f"watcher: no echo within {echo_timeout:.0f} s")
                 return
             self.record(sent)
             if interval:

@@ -1,7 +1,8 @@
-"""Mesh Gateway benchmark: the gateway against the ceiling, scenario by scenario.
+"""Mesh Gateway benchmark: the gateway against the reference Node gateway and the ceiling, scenario by scenario.
 
     python bench/run.py                     # full run: 3 alternating runs, fills results.json + README table
-    python bench/run.py --quick --out /tmp/x.json   # seconds; what the test suite runs
+    python bench/run.py --quick --out /tmp/x.json   # seconds; what the test suite runs (gateway, ceiling)
+    python bench/run.py --servers gateway,ceiling,node --scenarios relay,fanout --runs 1 --no-readme --out /tmp/n.json
     python bench/run.py --scenarios relay,fanout --runs 5
     python bench/run.py --servers ceiling --scenarios relay --ws wsproto --out /tmp/wsproto.json
     python bench/run.py --scenarios cluster --runs 3 --no-readme --out /tmp/cluster.json   # 1 process vs 3 + Redis
@@ -40,14 +41,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # runnable as a script
 
 import uvloop
 from scenarios import FULL, QUICK, SCENARIOS, Context, Outcome, seed_key, seed_registry
-from servers import BENCH_DIR, PYTHON, ClusterSpec, ServerSpec, Spec, busy_seconds
+from servers import BENCH_DIR, NODE_ARGV, PYTHON, ClusterSpec, NodeInstall, NodeSpec, ServerSpec, Spec, busy_seconds
 
 log = logging.getLogger("bench")
 REPO = BENCH_DIR.parent
 RESULTS = BENCH_DIR / "results.json"
 README = BENCH_DIR / "README.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-SERVERS = ("gateway", "ceiling")  # --servers; the other sides run only in the scenarios that compare them
+SERVERS = ("gateway", "ceiling", "node")  # --servers; the other sides run only in the scenarios that compare them
+DEFAULT_SERVERS, QUICK_SERVERS = "gateway,ceiling,node", "gateway,ceiling"  # quick: offline, no npm install
+NODE_SOURCE = REPO.parent / "shared" / "reference-gateway"  # the reference Node gateway, read-only
 NOISY_PCT = 25.0
 # Rate limits lifted (one client machine sends everything), and the connection caps above what any
 # scenario opens (10,000 meshes; 5,000 handshakes at once); everything else as in production.
@@ -124,6 +127,7 @@ def server_specs(args: argparse.Namespace, tmp: Path) -> dict[str, Spec]:
             "ceiling", [PYTHON, str(BENCH_DIR / "ceiling.py"), "--ws", args.ws], port_flag=True, uses_registry=False
         ),
         "cluster": ClusterSpec("cluster", single, processes=3),
+        "node": NodeSpec("node", NODE_ARGV, install=NodeInstall(args.node_source, tmp)),
     }
 
 
@@ -140,6 +144,12 @@ def sides_for(name: str, servers: list[str], scale: Any) -> list[Side]:
                                            for k, v in side.options.items()})
         for side in sides
     ]  # fmt: skip
+
+
+def node_install(specs: dict[str, Spec]) -> NodeInstall:
+    spec = specs["node"]
+    assert isinstance(spec, NodeSpec)
+    return spec.install
 
 
 def ratio_of(name: str) -> tuple[str, str]:
@@ -178,7 +188,9 @@ async def wait_for_quiet(*, limit_pct: float = 15.0, max_wait_s: float = 60.0) -
 
 
 def source_sha(spec: Spec) -> str:
-    """Which version of the server's script ran."""
+    """Which version of the server's script ran (the reference gateway: its server.ts before the sed)."""
+    if isinstance(spec, NodeSpec):
+        return str(spec.install.info.get("server_ts_sha256", "missing"))[:12]
     script = Path(spec.argv[1])
     return hashlib.sha256(script.read_bytes()).hexdigest()[:12] if script.is_file() else "missing"
 
@@ -242,7 +254,8 @@ def run_ratios(
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Per scenario and metric: each server's median/min/max, and the ratio of the two servers
-    compared (`RATIOS`: gateway/ceiling, or cluster/gateway) run by run."""
+    compared (`ratio_of`: gateway/ceiling, or e.g. cluster/gateway) run by run; for the scenarios
+    compared with the ceiling also gateway/node (`ratio_node`), run by run."""
     summary: dict[str, Any] = {}
     for name in {r["scenario"] for r in records}:
         top, bottom = ratio_of(name)
@@ -257,6 +270,8 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
             "ratio": f"{top}/{bottom}" if bottom else None,
             "failed_runs": {k: failed.count(k) for k in labels},
         }
+        if name not in SIDES:
+            entry["ratio_node"] = "gateway/node"
         for metric in [*metrics, "server_cpu_pct", "loadgen_cpu_pct", "other_cpu_pct"]:
 
             def value(r: dict[str, Any], metric: str = metric) -> float:
@@ -264,6 +279,8 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
 
             entry[metric] = {k: spread([value(r) for r in rows if r["server"] == k]) for k in labels}
             entry[metric]["ratio"] = run_ratios(by_run, value, top, bottom)
+            if name not in SIDES:
+                entry[metric]["ratio_node"] = run_ratios(by_run, value, "gateway", "node")
             if len(SIDES.get(name, ())) > 2:  # every side against the baseline (the first), run by run
                 entry[metric]["ratios"] = {side.label: run_ratios(by_run, value, side.label, bottom)
                                            for side in SIDES[name][1:]}  # fmt: skip
@@ -291,6 +308,21 @@ def cell(entry: dict[str, Any], e: dict[str, Any], kind: str | None, *, note: bo
     return fmt(e[kind]) + (f" **{failed} run(s) failed**" if failed and note else "")
 
 
+def node_line(report: dict[str, Any]) -> str:
+    """Which reference gateway ran (or why none did)."""
+    node = report.get("node") or {}
+    if reason := report.get("skipped_servers", {}).get("node"):
+        return f"Node reference gateway: skipped ({reason})."
+    if node.get("error"):
+        return f"Node reference gateway: failed to install ({node['error']})."
+    if "server_ts_sha256" not in node:
+        return "Node reference gateway: not run (`--servers` without `node`)."
+    return (
+        f"Node reference gateway: server.ts sha256 `{node['server_ts_sha256'][:12]}` (unchanged but for its "
+        f"README's rate-limit sed), node {node.get('node')}, ws {node.get('ws')}, tsx {node.get('tsx')}."
+    )
+
+
 def table(report: dict[str, Any]) -> str:
     m = report["machine"]
     versions = ", ".join(report["gateway_versions"]) or "\u2013"
@@ -298,34 +330,33 @@ def table(report: dict[str, Any]) -> str:
     lines = [
         f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['system']}, Python {m['python']}. "
         f"Date: {report['date']}. Commit: `{report['commit']}` (gateway.py sha256 `{versions}`). "
-        f"Runs: {report['runs']}, median (min\u2013max).",
+        f"Runs: {report['runs']}, median (min\u2013max). {node_line(report)}",
     ]
     if any(name in report["summary"] for name in HEADLINES):
         lines += [
             "",
-            f"| scenario | metric | gateway | {ceiling} | gateway/ceiling "
-            "| server CPU % gw / ceil | loadgen CPU % gw / ceil |",
-            "|---|---|---|---|---|---|---|",
+            f"| scenario | metric | gateway | node | {ceiling} | gateway/node | gateway/ceiling "
+            "| server CPU % gw / node / ceil | loadgen CPU % gw / node / ceil |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
     for name, headlines in HEADLINES.items():
         entry = report["summary"].get(name)
         if entry is None:
             continue
-        # The cluster's row holds the cluster, without a ceiling; the comparison with one process follows below.
-        left, right = ("cluster", None) if name == "cluster" else ("gateway", "ceiling")
+        # The cluster's row holds the cluster, without node or ceiling; the comparison with one process follows.
+        kinds = ("cluster", None, None) if name == "cluster" else ("gateway", "node", "ceiling")
         cpu, load = entry["server_cpu_pct"], entry["loadgen_cpu_pct"]
         for i, (metric, label, _) in enumerate(headlines):
             e = entry.get(metric, {})
-            ratio = e.get("ratio") if right else None
+            ratios = [e.get("ratio_node"), e.get("ratio")] if name != "cluster" else [None, None]
             first = i == 0
             cells = [
                 (f"{name} (3 processes + Redis)" if name == "cluster" else name) if first else "",
                 label,
-                cell(entry, e, left),
-                cell(entry, e, right),
-                f"{ratio['median']:.2f}" if ratio else "\u2013",
-                f"{cell(entry, cpu, left, note=False)} / {cell(entry, cpu, right, note=False)}" if first else "",
-                f"{cell(entry, load, left, note=False)} / {cell(entry, load, right, note=False)}" if first else "",
+                *(cell(entry, e, kind) for kind in kinds),
+                *(f"{ratio['median']:.2f}" if ratio else "\u2013" for ratio in ratios),
+                " / ".join(cell(entry, cpu, kind, note=False) for kind in kinds) if first else "",
+                " / ".join(cell(entry, load, kind, note=False) for kind in kinds) if first else "",
             ]
             lines.append("| " + " | ".join(cells) + " |")
     if "cluster" in report["summary"]:
@@ -535,14 +566,20 @@ def commit() -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Mesh Gateway benchmark (gateway vs ceiling)")
+    p = argparse.ArgumentParser(
+        description="Mesh Gateway benchmark (gateway vs the Node reference gateway and the ceiling)"
+    )
     p.add_argument("--quick", action="store_true", help="tiny counts, one run, seconds (the test suite's smoke run)")
     p.add_argument("--runs", type=int, default=None, help="alternating runs per server (default 3, quick 1)")
     p.add_argument("--scenarios", default=None,
                    help=f"comma list of {', '.join(SCENARIOS)} "
                         f"(default all; --quick: all but {', '.join(QUICK_SKIP)})")  # fmt: skip
-    p.add_argument("--servers", default="gateway,ceiling",
-                   help="comma list of gateway, ceiling (`cluster` always runs gateway and the cluster)")  # fmt: skip
+    p.add_argument("--servers", default=None,
+                   help=f"comma list of {', '.join(SERVERS)} (default {DEFAULT_SERVERS}, node skipped without npm; "
+                        f"--quick: {QUICK_SERVERS}); `cluster` always runs gateway and the cluster")  # fmt: skip
+    p.add_argument("--node-source", type=Path, default=NODE_SOURCE,
+                   help="the reference Node gateway's source (server.ts, package.json, package-lock.json), "
+                        "copied and installed in the run's temp dir")  # fmt: skip
     p.add_argument("--ws", default="websockets-sansio", choices=["websockets-sansio", "websockets", "wsproto"],
                    help="uvicorn WebSocket implementation of the ceiling")  # fmt: skip
     p.add_argument("--gateway", type=Path, default=REPO / "gateway.py", help="gateway script to start")
@@ -554,6 +591,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.scenarios is None:
         args.scenarios = ",".join(name for name in SCENARIOS if not (args.quick and name in QUICK_SKIP))
     args.scenarios = [s for s in args.scenarios.split(",") if s]
+    if args.servers is None:
+        args.servers = QUICK_SERVERS if args.quick else DEFAULT_SERVERS
     args.servers = [s for s in args.servers.split(",") if s]
     if unknown := [s for s in args.scenarios if s not in SCENARIOS]:
         p.error(f"unknown scenarios: {unknown}")
@@ -567,9 +606,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-async def bench(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
-    specs = server_specs(args, tmp)
+async def bench(args: argparse.Namespace, tmp: Path, specs: dict[str, Spec]) -> list[dict[str, Any]]:
     ctx = Context(tmp=tmp, scale=QUICK if args.quick else FULL)
+    if "node" in args.servers:  # once per harness run, before the first scenario
+        install = node_install(specs)
+        await install.prepare()
+        if install.skipped:
+            log.warning("node server skipped: %s", install.skipped)
+            args.servers = [s for s in args.servers if s != "node"]
     if skipped := [name for name in args.scenarios if name in SIDES and "gateway" not in args.servers]:
         log.warning("%s skipped: they run on the gateway, which --servers leaves out", ", ".join(skipped))
     records = []
@@ -589,17 +633,23 @@ def main(argv: list[str] | None = None) -> int:
     started, start_commit = time.monotonic(), commit()
     tmp = Path(tempfile.mkdtemp(prefix="mesh-bench-"))
     log.info("server and loadgen logs in %s", tmp)
+    asked = list(args.servers)
     try:
-        records = uvloop.run(bench(args, tmp))
+        specs = server_specs(args, tmp)
+        records = uvloop.run(bench(args, tmp, specs))
     except BaseException:
         log.error("aborted; logs kept in %s", tmp)
         raise
+    install = node_install(specs)
     report = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": start_commit, "machine": machine(),
-        "gateway_versions": sorted({r["source_sha"] for r in records if r["kind"] != "ceiling"}),
+        "gateway_versions": sorted({r["source_sha"] for r in records if r["kind"] not in ("ceiling", "node")}),
         "runs": args.runs, "quick": args.quick, "ws": args.ws,
-        "scenarios": args.scenarios, "servers": args.servers, "elapsed_s": round(time.monotonic() - started, 1),
+        "scenarios": args.scenarios, "servers": args.servers, "servers_asked": asked,
+        "skipped_servers": {"node": install.skipped} if install.skipped else {},
+        "node": {**install.info, **({"error": install.error} if install.error else {})} if "node" in asked else None,
+        "elapsed_s": round(time.monotonic() - started, 1),
         "summary": summarize(records), "records": records,
     }  # fmt: skip
     args.out.write_text(json.dumps(rounded(report), indent=2) + "\n")

@@ -21,6 +21,8 @@ against its peak RSS, beside a legit mesh. Scenario options (`offline`,
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import signal
 import statistics
@@ -30,7 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from servers import Cluster, Fleet, Running, Server, Spec, Store, busy_seconds
+from loadgen import registration
+from servers import Cluster, Fleet, NodeSpec, Running, Server, ServerSpec, Spec, Store, busy_seconds
+from wsclient import HttpClient
 
 log = logging.getLogger("bench")
 
@@ -112,7 +116,8 @@ class Context:
         """A private copy of the seeded store (or a new empty one) for one server run."""
         if not spec.uses_registry:
             return None
-        store = Store.fresh(self.tmp, spec.kind)
+        assert isinstance(spec, ServerSpec)
+        store = spec.fresh_store(self.tmp, spec.kind)
         if not empty and (seed := self.seeds.get(seed_key(spec))):
             seed.copy_to(store)
         return store
@@ -372,7 +377,9 @@ async def _storm(spec: Spec, ctx: Context, n: int, *, participants: int = 0) -> 
         Fleet(ctx.tmp, "watcher") as watcher,
         Fleet(ctx.tmp, "storm") as storm,
     ):
-        await watcher.start([job("watcher", server, ctx, mesh=mesh_id(n))])
+        # The watcher's worst round trip is the storm's stall: it may last as long as the storm itself is
+        # allowed to (the reference Node gateway parses its whole registry per auth, back to back).
+        await watcher.start([job("watcher", server, ctx, mesh=mesh_id(n), echo_timeout_s=s.timeout_s)])
         # The storm runs niced so that the watcher's own process is not what stalls.
         params = {"nice": 5, "connect_timeout_s": s.timeout_s, "retries": 2}
         if participants:
@@ -799,6 +806,8 @@ async def seed_registry(spec: Spec, ctx: Context) -> None:
     server of the same command starts on its own copy."""
     if not spec.uses_registry:
         return
+    if isinstance(spec, NodeSpec):
+        return await seed_node_registry(spec, ctx)
     store = Store.fresh(ctx.tmp, f"seed-{spec.kind}")
     meshes = ctx.scale.universe
     t0 = time.monotonic()
@@ -817,6 +826,53 @@ async def seed_registry(spec: Spec, ctx: Context) -> None:
     ctx.seeds[seed_key(spec)] = store
     log.info("seeded %s store with %d meshes in %.1fs (%s)", spec.kind, len(meshes), time.monotonic() - t0,
              ", ".join(f"{p.name} {p.stat().st_size:,} B" for p in files))  # fmt: skip
+
+
+def node_registry(meshes: list[str]) -> bytes:
+    """The reference gateway's registry.json after registering `meshes` in that order, byte for byte:
+    `JSON.stringify(registry, null, 2)` of `{meshId, secretHash, name}` with secretHash the hex sha256
+    of the secret. Each mesh's fields are those of loadgen's `registration` (what the gateway is sent)."""
+    entries = []
+    for mesh in meshes:
+        sent = json.loads(registration(mesh))
+        entries.append({"meshId": sent["meshId"], "secretHash": hashlib.sha256(sent["secret"].encode()).hexdigest(),
+                        "name": sent["name"]})  # fmt: skip
+    return json.dumps(entries, indent=2, ensure_ascii=False).encode()
+
+
+async def seed_node_registry(spec: NodeSpec, ctx: Context, *, check: int = 3) -> None:
+    """The reference gateway's seed: its registry.json written directly with every mesh of the universe
+    (10,000 registrations over HTTP would rewrite the whole file 10,000 times: ~O(n^2), minutes).
+    Checked first against the gateway itself: a server on an empty registry is sent the first `check`
+    registrations over HTTP, one by one, and the file it wrote must be exactly what the harness writes
+    for them."""
+    meshes = ctx.scale.universe
+    t0 = time.monotonic()
+    probe = spec.fresh_store(ctx.tmp, f"seedcheck-{spec.kind}")
+    server = spec.launch(ctx.tmp, store=probe)
+    await server.start()
+    http = HttpClient(*server.endpoints[0])
+    try:
+        for mesh in meshes[:check]:
+            async with asyncio.timeout(10):
+                status, body = await http.request("POST", "/register", registration(mesh))
+            if status != 200:
+                raise RuntimeError(f"seeding {spec.kind}: /register {mesh} answered {status} {body[:100]!r}")
+    finally:
+        await http.aclose()
+        codes = await server.stop()
+    if any(code not in (0, -signal.SIGTERM) for code in codes):
+        raise RuntimeError(f"seeding {spec.kind}: the server exited with {codes}")
+    written, expected = probe.registry.read_bytes(), node_registry(meshes[:check])
+    if written != expected:
+        raise RuntimeError(f"seeding {spec.kind}: its registry.json after {check} registrations is not what the "
+                           f"harness writes: {written[:200]!r} vs {expected[:200]!r}")  # fmt: skip
+    store = spec.fresh_store(ctx.tmp, f"seed-{spec.kind}")
+    store.registry.write_bytes(node_registry(meshes))
+    ctx.seeds[seed_key(spec)] = store
+    log.info("seeded %s registry.json with %d meshes in %.1fs (%s B; format checked against %d registrations "
+             "by the server itself)", spec.kind, len(meshes), time.monotonic() - t0,
+             f"{store.registry.stat().st_size:,}", check)  # fmt: skip
 
 
 async def register_meshes(server: Server, ctx: Context, meshes: list[str], *, workers: int) -> None:

@@ -4,6 +4,11 @@ The server is pinned to CPU 0 and the workers to CPU 1 (with `taskset`, when
 it exists and the machine has two CPUs); a cluster's gateways and its
 redis-server all share CPU 0. Every child is stopped by its PID in a
 `finally`, whatever happened.
+
+The `node` server is the reference Node.js gateway (`NodeInstall`: a scratch
+copy of its source, `npm ci`-ed once per harness run, rate limit lifted by its
+README's `sed`), each run from its own copy of `server.ts` beside its own
+`registry.json` (`NodeStore`).
 """
 
 from __future__ import annotations
@@ -11,12 +16,15 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import dataclasses
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
+import stat
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -153,6 +161,25 @@ class Store:
         return {"DB_PATH": str(self.db), "REGISTRY_PATH": str(self.registry)}
 
 
+@dataclass(frozen=True)
+class NodeStore(Store):
+    """The reference Node gateway's store: `registry.json`, which it reads and writes beside its own
+    `server.ts` (`path.join(__dirname, 'registry.json')`) and nowhere else. So a store is a
+    directory of its own (`db`; there is no database), and the server runs a copy of `server.ts` in it."""
+
+    @classmethod
+    def fresh(cls, tmp: Path, name: str) -> NodeStore:
+        directory = tmp / f"{name}-{time.monotonic_ns()}"
+        directory.mkdir(parents=True)
+        return cls(directory, directory / "registry.json")
+
+    def files(self) -> list[Path]:
+        return [self.registry]
+
+    def env(self) -> dict[str, str]:
+        return {}  # it reads only PORT
+
+
 # --- Servers -------------------------------------------------------------------
 
 
@@ -168,6 +195,10 @@ class ServerSpec:
 
     def launch(self, logdir: Path, *, store: Store | None = None) -> Running:
         return Running(self, logdir, store)
+
+    def fresh_store(self, tmp: Path, name: str) -> Store:
+        """A new, empty store of the kind this server keeps."""
+        return Store.fresh(tmp, name)
 
 
 class Running:
@@ -208,20 +239,26 @@ class Running:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def start(self, timeout: float = 30.0) -> None:
+    def command(self) -> tuple[list[str], dict[str, str], Path]:
+        """(argv, environment, working directory) of the server process."""
         env = {**os.environ, **self.spec.env}
-        argv = [*pinned(SERVER_CPU), *self.spec.argv]
+        argv = [*self.spec.argv]
         if self.spec.port_flag:
             argv += ["--host", HOST, "--port", str(self.port)]
         env.update(HOST=HOST, PORT=str(self.port))
         if self.store is not None:
             env.update(self.store.env())
+        # In the temp dir: whatever a server writes by a default relative path stays out of the repository.
+        return argv, env, self.logdir
+
+    async def start(self, timeout: float = 30.0) -> None:
+        argv, env, cwd = self.command()
+        argv = [*pinned(SERVER_CPU), *argv]
         self.log_path = self.logdir / f"{self.spec.kind}-{self.port}.log"
         with open(self.log_path, "ab") as out:
-            # In the temp dir: whatever a server writes by a default relative path stays out of the repository.
             proc = await asyncio.create_subprocess_exec(
                 *argv, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
-                cwd=self.logdir, preexec_fn=_die_with_parent,
+                cwd=cwd, preexec_fn=_die_with_parent,
             )  # fmt: skip
         self.procs.append(proc)
         log.info("started %s pid %d on port %d (log %s)", self.spec.kind, proc.pid, self.port, self.log_path)
@@ -261,6 +298,159 @@ class Running:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+# --- The reference Node gateway ------------------------------------------------------
+
+# Its README's benchmark-only edit, applied with sed exactly as written there.
+RATE_LIMIT_SED = "s/^const RATE_LIMIT_PER_MINUTE = 60;/const RATE_LIMIT_PER_MINUTE = 1e12;/"
+RATE_LIMIT_BEFORE = re.compile(r"^const RATE_LIMIT_PER_MINUTE = 60;", re.MULTILINE)
+RATE_LIMIT_AFTER = re.compile(r"^const RATE_LIMIT_PER_MINUTE = 1e12;", re.MULTILINE)
+# `node --import tsx server.ts` runs the same program as the README's `./node_modules/.bin/tsx server.ts`
+# (tsx's loader transpiles server.ts at load), in one process instead of tsx's CLI and a node child: the PID
+# we start is the server, so its RSS and CPU are the server's. `node_loopback.cjs` makes its
+# `server.listen(port)` (every interface) listen on 127.0.0.1 only; nothing else is touched.
+NODE_ARGV = ("node", "--require", str(BENCH_DIR / "node_loopback.cjs"), "--import", "tsx", "server.ts")
+NPM_TIMEOUT_S = 240.0
+
+
+class NodeInstall:
+    """The reference gateway, ready to run: its source copied to `<run temp dir>/node-gateway`, its
+    dependencies installed there once per harness run (`npm ci --no-audit --no-fund`, or `npm install`
+    when the lock file does not allow `ci`), the rate limit lifted with its README's sed (checked).
+
+    `skipped` says why it cannot run at all (npm or node missing: the harness goes on without it);
+    `error` why its installation failed (every node record fails with it)."""
+
+    def __init__(self, source: Path, tmp: Path) -> None:
+        self.source, self.tmp = source, tmp
+        self.dir = tmp / "node-gateway"
+        self.runs = self.dir / "runs"  # the servers' stores, under `dir` so that `node_modules` resolves
+        self.script = self.dir / "server.ts"
+        self.skipped: str | None = None
+        self.error: str | None = None
+        self.info: dict[str, Any] = {"source": str(source)}
+
+    @property
+    def ready(self) -> bool:
+        return self.script.is_file() and not (self.skipped or self.error)
+
+    async def prepare(self) -> None:
+        """Install once (a second call does nothing); never raises: sets `skipped` or `error`."""
+        if self.ready or self.skipped or self.error:
+            return
+        for tool in ("npm", "node"):
+            if shutil.which(tool) is None:
+                self.skipped = f"{tool} not found"
+                return
+        t0 = time.monotonic()
+        try:
+            await self._install()
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.error("node server unavailable: %s (logs in %s)", self.error, self.tmp)
+            return
+        self.info["install_s"] = round(time.monotonic() - t0, 1)
+        log.info("node gateway installed in %s in %.1fs: %s", self.dir, self.info["install_s"],
+                 {k: v for k, v in self.info.items() if k != "source"})  # fmt: skip
+
+    async def _install(self) -> None:
+        source_ts = self.source / "server.ts"
+        if not source_ts.is_file():
+            raise RuntimeError(f"no server.ts in {self.source} (--node-source)")
+        text = source_ts.read_text()
+        if len(RATE_LIMIT_BEFORE.findall(text)) != 1:
+            raise RuntimeError(f"the rate-limit line `const RATE_LIMIT_PER_MINUTE = 60;` is not (once) in "
+                               f"{source_ts}: the README's sed would not lift the limit")  # fmt: skip
+        # The source is read-only and keeps no node_modules or registry of its own here; copy what it has.
+        shutil.copytree(self.source, self.dir, ignore=shutil.ignore_patterns("node_modules", "registry.json"))
+        for path in [self.dir, *self.dir.rglob("*")]:
+            path.chmod(path.stat().st_mode | stat.S_IWUSR)
+        self.info["server_ts_sha256"] = hashlib.sha256(source_ts.read_bytes()).hexdigest()
+        await self._sed()
+        if (self.dir / "package-lock.json").is_file():
+            try:
+                await self._run(["npm", "ci", "--no-audit", "--no-fund"], "npm-ci")
+                self.info["install"] = "npm ci --no-audit --no-fund"
+            except RuntimeError as exc:  # e.g. a lock file out of step with package.json
+                log.warning("node gateway: %s; trying npm install", exc)
+                await self._run(["npm", "install", "--no-audit", "--no-fund"], "npm-install")
+                self.info["install"] = "npm install --no-audit --no-fund (npm ci failed)"
+        else:
+            await self._run(["npm", "install", "--no-audit", "--no-fund"], "npm-install")
+            self.info["install"] = "npm install --no-audit --no-fund (no package-lock.json)"
+        for package in ("tsx", "ws"):
+            manifest = self.dir / "node_modules" / package / "package.json"
+            if not manifest.is_file():
+                raise RuntimeError(f"{package} is not installed in {self.dir / 'node_modules'}")
+            self.info[package] = json.loads(manifest.read_text())["version"]
+        self.info["node"] = (await self._run(["node", "--version"], "node-version")).strip()
+
+    async def _sed(self) -> None:
+        """The README's `sed -i ... server.ts`, then a check that it took effect."""
+        await self._run(["sed", "-i", RATE_LIMIT_SED, "server.ts"], "sed")
+        text = self.script.read_text()
+        if RATE_LIMIT_BEFORE.search(text) or not RATE_LIMIT_AFTER.search(text):
+            raise RuntimeError(f"sed did not lift the rate limit in {self.script}")
+        self.info["patched_sha256"] = hashlib.sha256(self.script.read_bytes()).hexdigest()
+
+    async def _run(self, argv: list[str], name: str, timeout: float = NPM_TIMEOUT_S) -> str:
+        """Run a setup command in `dir` (its output in `<tmp>/node-setup-<name>.log`); its stdout, or RuntimeError."""
+        log_path = self.tmp / f"node-setup-{name}.log"
+        with open(log_path, "ab") as err:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, cwd=self.dir, stdout=asyncio.subprocess.PIPE, stderr=err, stdin=asyncio.subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+            )  # fmt: skip
+            try:
+                out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+                err.write(out)
+            except TimeoutError:
+                await stop_pid(proc, grace=5.0)
+                raise RuntimeError(
+                    f"`{' '.join(argv)}` did not finish within {timeout:.0f}s (see {log_path})"
+                ) from None
+        if proc.returncode != 0:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+            raise RuntimeError(f"`{' '.join(argv)}` exited with {proc.returncode}: {' / '.join(tail)} (see {log_path})")
+        return out.decode(errors="replace")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeSpec(ServerSpec):
+    """The reference Node gateway, from `install` (prepared by run.py before the first scenario)."""
+
+    install: NodeInstall
+
+    def launch(self, logdir: Path, *, store: Store | None = None) -> NodeRunning:
+        return NodeRunning(self, logdir, store)
+
+    def fresh_store(self, tmp: Path, name: str) -> NodeStore:
+        return NodeStore.fresh(self.install.runs, name)
+
+
+class NodeRunning(Running):
+    """A started reference gateway: `server.ts` (the patched copy) in its store's directory, beside
+    its `registry.json` (`[]` when the store has none, as its README's `echo '[]' > registry.json`)."""
+
+    spec: NodeSpec
+
+    def command(self) -> tuple[list[str], dict[str, str], Path]:
+        install = self.spec.install
+        if not install.ready:
+            reason = install.skipped or install.error or "not installed"
+            raise RuntimeError(f"node server unavailable: {reason}")
+        if self.store is None:
+            self.store = self.spec.fresh_store(self.logdir, self.spec.kind)
+        workdir = self.store.registry.parent
+        shutil.copyfile(install.script, workdir / "server.ts")
+        if not self.store.registry.exists():
+            self.store.registry.write_text("[]\n")
+        # tsx caches what it transpiles under os.tmpdir(): keep that in the run's temp dir too.
+        scratch = install.dir / "tmp"
+        scratch.mkdir(exist_ok=True)
+        env = {**os.environ, **self.spec.env, "PORT": str(self.port), "TMPDIR": str(scratch)}
+        return [*self.spec.argv], env, workdir
 
 
 @dataclass(frozen=True)

@@ -234,7 +234,8 @@ async def ws_connect(
 
 
 class HttpClient:
-    """HTTP/1.1 keep-alive client: one request at a time, Content-Length bodies only."""
+    """HTTP/1.1 keep-alive client: one request at a time; Content-Length or chunked bodies (the
+    reference Node gateway answers `res.writeHead(...); res.end(body)`: chunked)."""
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
@@ -253,7 +254,7 @@ class HttpClient:
         raw = await self.reader.readuntil(b"\r\n\r\n")
         lines = raw.decode("latin-1").split("\r\n")
         status = int(lines[0].split()[1])
-        length, close = 0, False
+        length, close, chunked = 0, False, False
         for line in lines[1:]:
             name, _, value = line.partition(":")
             name = name.strip().lower()
@@ -261,10 +262,28 @@ class HttpClient:
                 length = int(value)
             elif name == "connection" and "close" in value.lower():
                 close = True
-        data = await self.reader.readexactly(length)
+            elif name == "transfer-encoding" and "chunked" in value.lower():
+                chunked = True
+        data = await self._chunked(self.reader) if chunked else await self.reader.readexactly(length)
         if close:
             await self.aclose()
         return status, data
+
+    @staticmethod
+    async def _chunked(reader: asyncio.StreamReader, limit: int = 1 << 24) -> bytes:
+        """A chunked body: `size-in-hex[;ext]` CRLF, data CRLF, ..., `0` CRLF, trailers, CRLF."""
+        body = bytearray()
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";", 1)[0].strip(), 16)
+            if size == 0:
+                for _ in range(100):  # trailers, if any, up to the empty line
+                    if await reader.readuntil(b"\r\n") == b"\r\n":
+                        return bytes(body)
+                raise ValueError("more than 100 trailer lines")
+            if len(body) + size > limit:
+                raise ValueError(f"chunked body over {limit} bytes")
+            body += await reader.readexactly(size)
+            await reader.readexactly(2)  # CRLF after the chunk
 
     async def aclose(self) -> None:
         if self.writer is not None:
