@@ -251,6 +251,8 @@ async def relay(spec: Spec, ctx: Context, *, offline: bool = False) -> Outcome:
         ]
         await fleet.start(jobs)
         spread = await server.connected() if isinstance(server, Cluster) else {}
+        if isinstance(server, Cluster) and not await server.agree(len(placed)):
+            raise RuntimeError(f"the processes' views of the cluster did not agree within 10 s: {spread}")
         results, meter = await measured_window(server, fleet, ctx)
         health = await server.health() or {}
     window = statistics.mean(r["window_s"] for r in results)

@@ -517,6 +517,17 @@ class Cluster:
         """Port -> meshes connected to that process, from each one's /health."""
         return {g.port: (await g.health() or {}).get("connected") for g in self.gateways}
 
+    async def agree(self, meshes: int, timeout: float = 10.0) -> bool:
+        """Until every process sees `meshes` connected cluster-wide (`clusterConnected`): a process
+        that has not heard of a mesh on another one yet would keep relays for it, not send them."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            views = [(await g.health() or {}).get("clusterConnected") for g in self.gateways]
+            if all(view == meshes for view in views):
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
     async def __aenter__(self) -> Cluster:
         await self.start()
         return self
