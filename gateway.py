@@ -3080,15 +3080,17 @@ class Pacer:
 
     def _next_turn(self) -> None:
         self.refill, self.left = None, self.per_turn
-        while self.waiting and self.left > 0:
-            transport, later = self.waiting.popleft()
-            if transport.is_closing():
-                continue  # it left while waiting
-            self.left -= 1
-            transport.resume_reading()
-            later()
-        if self.waiting:
-            self.refill = asyncio.get_running_loop().call_soon(self._next_turn)
+        try:
+            while self.waiting and self.left > 0:
+                transport, later = self.waiting.popleft()
+                if transport.is_closing():
+                    continue  # it left while waiting
+                self.left -= 1
+                transport.resume_reading()
+                later()
+        finally:  # a connection whose handling failed never holds up the ones behind it
+            if self.waiting and self.refill is None:
+                self.refill = asyncio.get_running_loop().call_soon(self._next_turn)
 
 
 HANDSHAKES_PER_TURN = 32  # new connections a loop turn takes up (see Pacer)

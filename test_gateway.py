@@ -1245,6 +1245,24 @@ async def test_the_pacer_takes_up_a_few_new_connections_a_turn_in_order() -> Non
     await asyncio.sleep(0)
     assert taken == [4, 6, 7, 8, 9, 10]
     assert pacer.admit(Transport(), lambda: None)  # nobody waits: at once  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+
+    def fails() -> None:
+        raise RuntimeError("a bug in one connection")
+
+    loop = asyncio.get_running_loop()
+    errors: list[object] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context.get("exception")))
+    try:
+        pacer.per_turn = 1  # one a turn: the failing one, then the other on the turn after
+        pacer.left = 0  # this turn is spent: both wait
+        assert not pacer.admit(Transport(), fails)  # type: ignore[arg-type]
+        assert not pacer.admit(Transport(), lambda: taken.append(11))  # type: ignore[arg-type]
+        for _ in range(3):
+            await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert len(errors) == 1 and taken[-1] == 11  # not held up behind the one that failed
 
 
 async def test_failed_auths_are_throttled_per_mesh_and_per_ip(tmp_path: Path) -> None:
