@@ -3066,11 +3066,15 @@ class Pacer:
         self.left = per_turn  # connections this turn may still take up
         self.waiting: deque[tuple[asyncio.Transport, Callable[[], None]]] = deque()
         self.refill: asyncio.Handle | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def admit(self, transport: asyncio.Transport, later: Callable[[], None]) -> bool:
         """True: go on now; False: the connection waits, and `later` is called when its turn comes."""
+        loop = asyncio.get_running_loop()
+        if loop is not self.loop:  # a new server's loop (tests run many): nothing of the old one's applies
+            self.loop, self.left, self.waiting, self.refill = loop, self.per_turn, deque(), None
         if self.refill is None:
-            self.refill = asyncio.get_running_loop().call_soon(self._next_turn)
+            self.refill = loop.call_soon(self._next_turn)
         if self.left > 0 and not self.waiting:
             self.left -= 1
             return True
@@ -3089,16 +3093,11 @@ class Pacer:
                 transport.resume_reading()
                 later()
         finally:  # a connection whose handling failed never holds up the ones behind it
-            if self.waiting and self.refill is None:
-                self.refill = asyncio.get_running_loop().call_soon(self._next_turn)
+            if self.waiting and self.refill is None and self.loop is not None:
+                self.refill = self.loop.call_soon(self._next_turn)
 
 
 HANDSHAKES_PER_TURN = 32  # new connections a loop turn takes up (see Pacer)
-
-
-@functools.cache
-def pacer() -> Pacer:
-    return Pacer(HANDSHAKES_PER_TURN)
 
 
 @functools.cache
@@ -3113,11 +3112,12 @@ def http_protocol() -> type[asyncio.Protocol]:
         tail = b""
         in_headers = False  # the parser is inside a request's headers
         admitted = False  # taken up by the pacer
+        pacer = Pacer(HANDSHAKES_PER_TURN)  # one for the server: this class is built once (functools.cache)
 
         def data_received(self, data: bytes) -> None:
             if not self.admitted:  # a new connection's first bytes: now, or when the pacer says
                 self.admitted = True
-                if not pacer().admit(self.transport, lambda: self.data_received(data)):
+                if not self.pacer.admit(self.transport, lambda: self.data_received(data)):
                     return
             if self.header_bytes == -2:
                 return

@@ -19,6 +19,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import unittest.mock
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures.process import BrokenProcessPool
@@ -1263,6 +1264,22 @@ async def test_the_pacer_takes_up_a_few_new_connections_a_turn_in_order() -> Non
     finally:
         loop.set_exception_handler(None)
     assert len(errors) == 1 and taken[-1] == 11  # not held up behind the one that failed
+
+
+def test_the_pacer_starts_afresh_on_a_new_loop() -> None:
+    """A server stopped with connections waiting (a test's loop closed) holds up no later one."""
+    pacer = gw.Pacer(per_turn=1)
+    transport = unittest.mock.Mock(is_closing=lambda: False)
+
+    async def storm() -> list[bool]:  # the loop ends before the waiting one's turn comes
+        return [pacer.admit(transport, lambda: None) for _ in range(3)]
+
+    assert asyncio.run(storm()) == [True, False, False]
+
+    async def later() -> bool:
+        return pacer.admit(transport, lambda: None)
+
+    assert asyncio.run(later())  # at once, not behind the old loop's never-run turn
 
 
 async def test_failed_auths_are_throttled_per_mesh_and_per_ip(tmp_path: Path) -> None:
