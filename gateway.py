@@ -1132,7 +1132,8 @@ class Requeue(Struct, frozen=True):
 
 # --- Hub ----------------------------------------------------------------------
 # The live connections. Each peer owns a bounded outbound queue and one writer
-# task; the hub only appends to queues, so it never awaits a slow peer.
+# (a loop callback, or a task under a host's own server); the hub only appends to
+# queues, so it never awaits a slow peer.
 
 # uvicorn pauses a socket's writes once its transport holds 64 KiB (asyncio's
 # default high-water mark); that much of SEND_BUFFER_BYTES is left for it.
@@ -1289,8 +1290,8 @@ class Peer:
     With offline delivery a handed-over frame stays in `unconfirmed` until the node
     answers a ping sent after it (the node's WebSocket library handles frames in order
     and pongs after them). While the mesh catches up on its mailbox (`live` false), live
-    frames wait in `backlog` behind the kept ones. Events and buckets are made when first
-    needed: an idle socket holds as little as it can.
+    frames wait in `backlog` behind the kept ones. Its events are made by their first waiter,
+    and its rate buckets are the mesh's, from the hub: an idle socket holds little.
     """
 
     __slots__ = (
