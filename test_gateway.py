@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import datetime
 import gc
 import hashlib
 import json
+import math
 import os
 import random
 import signal
@@ -22,7 +24,6 @@ import sys
 import unittest.mock
 import uuid
 from collections.abc import AsyncIterator
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -340,9 +341,10 @@ async def test_hashing_recovers_when_a_worker_dies() -> None:
     try:
         await hasher.start()
         secret_hash = await hasher.hash("secret-1")
-        for process in list(hasher.pool._processes.values()):
-            process.kill()
-        with contextlib.suppress(BrokenProcessPool):  # the batch that met the dead worker fails, promptly
+        for worker in hasher.workers:
+            assert worker.process is not None
+            worker.process.kill()
+        with contextlib.suppress(gw.HasherGone):  # the batch that met the dead worker fails, promptly
             async with asyncio.timeout(TIMEOUT):
                 await hasher.verify("secret-1", secret_hash)
         async with asyncio.timeout(TIMEOUT):
@@ -2042,15 +2044,16 @@ def test_unreadable_registry_file_is_refused_and_kept(tmp_path: Path) -> None:
 
 
 async def test_hashing_workers_exit_with_a_killed_gateway(tmp_path: Path) -> None:
+    def children(pid: int) -> list[int]:  # of every thread: a process started from a thread is that thread's child
+        tasks = Path(f"/proc/{pid}/task").iterdir()
+        return [int(child) for task in tasks for child in (task / "children").read_text().split()]
+
     async with process(tmp_path) as (proc, _):
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
-        if not children.exists():
+        if not Path(f"/proc/{proc.pid}/task/{proc.pid}/children").exists():
             pytest.skip("no /proc children list on this system")
-        helpers = [int(pid) for pid in children.read_text().split()]  # the fork server, the resource tracker
-        workers = [  # the hashing processes, the fork server's children
-            int(pid) for helper in helpers for pid in Path(f"/proc/{helper}/task/{helper}/children").read_text().split()
-        ]
-        assert workers, helpers  # started on demand: at least the one that hashed the warm-up
+        helpers = children(proc.pid)  # the fork server, the resource tracker
+        workers = [pid for helper in helpers for pid in children(helper)]  # the hashing processes
+        assert len(workers) == 2, helpers
         workers += helpers
         proc.kill()
     async with asyncio.timeout(TIMEOUT):
@@ -2194,6 +2197,31 @@ async def test_json_logs_carry_the_context(tmp_path: Path) -> None:
     gone = next(line for line in lines if line["event"] == "disconnect" and line["mesh_id"] == "a")
     assert gone["code"] == 1000 and gone["ip"] == "127.0.0.1" and gone["message"].endswith(" s")  # and how long
     assert any(line["logger"].startswith("uvicorn") for line in lines)  # one format for uvicorn's lines too
+
+
+async def test_a_flood_of_refused_auths_logs_a_few_lines_a_second_and_counts_the_rest(tmp_path: Path) -> None:
+    async with process(tmp_path, LOG_FORMAT="json", LOG_REFUSALS_PER_S="3") as (proc, addr):
+        async with httpx.AsyncClient(base_url=f"http://{addr}") as http:
+            gate = Gate([addr], http)
+            async with gate.stack:
+                for n in range(12):  # 10 checked and refused, then the IP is throttled: 12 refusals, 12 disconnects
+                    bad = await gate.connect()
+                    await bad.send(type="gateway_auth", meshId="nobody", secret="wrong-wrong")
+                    answer = "Invalid credentials" if n < 10 else "Too many attempts"
+                    await bad.expect("gateway_auth_error", message=answer)
+                    await bad.closed()
+                log_file = tmp_path / f"gateway-{addr.split(':')[1]}.log"
+                async with asyncio.timeout(TIMEOUT):  # the count comes a second after the first line left out
+                    while "lines_left_out" not in log_file.read_text():
+                        await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+    lines = [json.loads(line) for line in log_file.read_text().splitlines()]
+    about = [line for line in lines if line["event"] in ("auth_refused", "disconnect")]
+    left_out = [int(line["message"].split()[0]) for line in lines if line["event"] == "lines_left_out"]
+    assert len(about) + sum(left_out) == 24  # every event is a line or counted in one
+    stamps = [datetime.datetime.fromisoformat(line["ts"].rstrip("Z")).timestamp() for line in about]
+    assert 0 < len(about) <= 3 * (math.floor(stamps[-1] - stamps[0]) + 2)  # at most 3 in any second
 
 
 def scrape(text: str) -> dict[str, float]:
