@@ -421,6 +421,15 @@ def hash_worker(sock: socket.socket) -> None:
             sock.sendall(LENGTH.pack(len(answer)) + answer)
 
 
+def reap(process: multiprocessing.process.BaseProcess | None) -> None:
+    """Wait for a hashing process to exit (it does once its socket closes), killing it after 5 s."""
+    if process is not None:
+        process.join(5)
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
 class HasherGone(Exception):
     """A hashing process died with a batch in hand: that batch fails, a new process takes over."""
 
@@ -457,8 +466,7 @@ class HashWorker(asyncio.Protocol):
         return self.process.pid if self.process is not None else None
 
     async def run(self, jobs: list[tuple[str, str | None]]) -> list[Any]:
-        if self.transport is None:
-            raise HasherGone(f"hashing process {self.pid} exited")
+        assert self.transport is not None, "the hashing process is not running"
         self.answer = asyncio.get_running_loop().create_future()
         request = pickle.dumps(jobs)
         self.transport.write(LENGTH.pack(len(request)) + request)
@@ -505,14 +513,8 @@ class Hasher:
         for worker in self.workers:
             if worker.transport is not None:
                 worker.transport.close()  # the process reads end of file and exits
-        await asyncio.to_thread(self._join)
-
-    def _join(self) -> None:
         for worker in self.workers:
-            if worker.process is not None:
-                worker.process.join(5)
-                if worker.process.is_alive():
-                    worker.process.kill()
+            await asyncio.to_thread(reap, worker.process)
 
     async def _start(self, worker: HashWorker) -> None:
         # Workers fork from a fork server: a clean process (no event loop, no threads) that imported
@@ -530,8 +532,7 @@ class Hasher:
     async def _restart(self, worker: HashWorker) -> None:
         while True:
             try:
-                if worker.process is not None:
-                    await asyncio.to_thread(worker.process.join)  # reap it
+                await asyncio.to_thread(reap, worker.process)
                 await self._start(worker)
                 return
             except (OSError, EOFError) as exc:  # the fork server itself is gone: a new one next time
@@ -550,15 +551,17 @@ class Hasher:
                 self.wakeup.clear()
                 await self.wakeup.wait()
                 continue
+            if worker.transport is None:  # it exited (or could not start) while idle: a new one first
+                log.error("hashing process %s exited: starting a new one", worker.pid)
+                await self._restart(worker)
+                continue
             batch = [self.jobs.popleft() for _ in range(min(self.BATCH, len(self.jobs)))]
             try:
                 results = await worker.run([(s, h) for s, h, _ in batch])
-            except HasherGone as exc:  # fail this batch (never hang it), start a new process
-                log.error("%s: starting a new one", exc)
+            except HasherGone as exc:  # fail this batch (never hang it); a new process takes the next
                 for *_, future in batch:
                     if not future.done():
                         future.set_exception(exc)
-                await self._restart(worker)
                 continue
             for (*_, future), result in zip(batch, results, strict=True):
                 if not future.done():
