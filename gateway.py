@@ -2880,13 +2880,7 @@ class Gateway:
             peer.auth_deadline = None
         keys = (f"mesh:{frame.mesh_id}", f"ip:{peer.ip}")
         if wait_ms := self.failures.wait_ms(*keys):  # throttled: the secret is not even checked
-            if self.refusals.allow():
-                log.info(
-                    "auth refused for %r from %s: too many attempts",
-                    frame.mesh_id[:64],
-                    peer.ip,
-                    extra=peer.context("auth_refused", 1013),
-                )
+            self._refused(peer, frame.mesh_id, "too many attempts", 1013)
             self.stats.auth_failed["throttled"] += 1
             peer.send_frame(AuthError(message="Too many attempts", retry_after_ms=wait_ms))
             peer.close(CLOSE_TRY_AGAIN, "too many attempts")
@@ -2911,13 +2905,7 @@ class Gateway:
         if peer.closing:
             return  # closed meanwhile (gateway shutting down)
         if mesh is None or not valid:
-            if self.refusals.allow():
-                log.info(
-                    "auth refused for %r from %s: invalid credentials",
-                    frame.mesh_id[:64],
-                    peer.ip,
-                    extra=peer.context("auth_refused", 1008),
-                )
+            self._refused(peer, frame.mesh_id, "invalid credentials", 1008)
             self.failures.take(*keys)
             self.stats.auth_failed["invalid_credentials"] += 1
             peer.send_frame(AuthError(message="Invalid credentials"))
@@ -2931,6 +2919,11 @@ class Gateway:
         peer.participants, peer.public_rooms = frame.participants, frame.public_rooms
         await hub.attach(peer, AuthOk(mesh_id=mesh.mesh_id, name=mesh.name))
         log.info("mesh %s connected from %s", mesh.mesh_id, peer.ip, extra=peer.context("connect"))
+
+    def _refused(self, peer: Peer, mesh_id: str, why: str, code: int) -> None:
+        if self.refusals.allow():
+            context = peer.context("auth_refused", code)
+            log.info("auth refused for %r from %s: %s", mesh_id[:64], peer.ip, why, extra=context)
 
     def _auth_timeout(self, peer: Peer) -> None:
         if peer.mesh_id is None and not peer.closing:
