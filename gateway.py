@@ -691,10 +691,11 @@ def read_registry_file(path: str) -> tuple[list[Mesh], str]:
 
 
 # --- Store: the registry and the offline mailboxes in one SQLite database ---------
-# One writer thread owns the connection; the event loop hands it jobs and awaits
-# their futures. Jobs queued meanwhile run in one transaction and share one
-# commit (group commit), so 5,000 concurrent registrations cost a few fsyncs,
-# not 5,000. WAL + synchronous=FULL: a commit is on disk before its answer.
+# One writer thread owns the writing connection; the event loop hands it jobs and awaits
+# their futures (registry lookups alone read on the loop, from a read-only connection).
+# Jobs queued meanwhile run in one transaction and share one commit (group commit), so
+# 5,000 concurrent registrations cost a few fsyncs, not 5,000. WAL + synchronous=FULL: a
+# commit is on disk before its answer.
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meshes (
@@ -739,8 +740,8 @@ Done = tuple["asyncio.Future[Any]", Any, BaseException | None]
 
 
 # Futures a store batch resolves per loop turn: each wakes a task whose next step runs in the
-# following turn, so a batch of 4,096 registry reads in a reconnect storm would otherwise make one
-# turn of 4,096 auths (measured: the connected meshes' worst stall in that storm).
+# following turn, so a batch of 4,096 jobs in a reconnect storm (arrivals, leaves) would otherwise
+# make one turn of 4,096 task steps (measured: the connected meshes' worst stall in that storm).
 SETTLE_PER_TURN = 64
 
 
