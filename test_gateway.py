@@ -353,6 +353,31 @@ async def test_hashing_recovers_when_a_worker_dies() -> None:
         await hasher.close()
 
 
+async def test_an_urgent_check_runs_on_the_loop_until_its_budget_is_spent() -> None:
+    hasher = gw.Hasher(workers=1)  # never started: a check handed to a process would wait forever
+    secret_hash = gw.hash_secret("secret-1")
+    assert await hasher.verify("secret-1", secret_hash, urgent=True)
+    assert not await hasher.verify("wrong", secret_hash, urgent=True)
+    assert not hasher.jobs
+    hasher.inline = gw.PerSecond(0)  # the budget spent (a storm): urgent checks queue for the processes
+    waiting = [asyncio.ensure_future(hasher.verify("secret-1", secret_hash, urgent=urgent)) for urgent in (True, False)]
+    await asyncio.sleep(0)
+    assert len(hasher.jobs) == 2 and not any(task.done() for task in waiting)
+    for task in waiting:
+        task.cancel()
+
+
+def test_throttle_calls_a_key_clean_until_it_fails_and_again_once_refilled(monkeypatch: pytest.MonkeyPatch) -> None:
+    throttle = gw.Throttle(60)  # one token a second
+    assert throttle.clean("mesh:a", "ip:1")
+    throttle.take("mesh:a", "ip:1")
+    assert not throttle.clean("mesh:a", "ip:2") and not throttle.clean("mesh:b", "ip:1")
+    assert throttle.clean("mesh:b", "ip:2")
+    later = gw.time.monotonic() + 2
+    monkeypatch.setattr(gw.time, "monotonic", lambda: later)
+    assert throttle.clean("mesh:a", "ip:1")
+
+
 # --- Dispatcher (in-memory hub, no network) ---------------------------------------------------
 
 
