@@ -21,6 +21,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import unittest.mock
 import uuid
 from collections.abc import AsyncIterator
@@ -273,10 +274,13 @@ async def test_a_big_store_batch_resolves_in_order_a_few_futures_a_turn(tmp_path
                 loop.call_soon(count_turns)
 
         count_turns()
-        futures = [store.call(lambda n=n: n) for n in range(300)]  # one batch in the writer thread
+        gate = threading.Event()
+        held = store.call(lambda: gate.wait(TIMEOUT))  # the writer thread waits, so the 300 form one batch
+        futures = [store.call(lambda n=n: n) for n in range(300)]
         for future in futures:
             future.add_done_callback(lambda done: resolved.append((turn, done.result())))
-        await asyncio.gather(*futures)
+        gate.set()
+        await asyncio.gather(held, *futures)
         assert [value for _, value in resolved] == list(range(300))  # every one, in order
         per_turn = collections.Counter(t for t, _ in resolved)
         assert max(per_turn.values()) <= gw.SETTLE_PER_TURN  # never all in one turn
