@@ -470,6 +470,38 @@ async def test_dispatch_participants_and_ghosts() -> None:
     assert (await sock_a.next())["remoteParticipants"] == [{"meshId": "b", "meshName": "B", "participants": []}]
 
 
+def test_the_greeting_reuses_full_frames_but_never_a_stale_or_own_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gw, "FRAME_GROUPS_BYTES", 300)  # about three groups a frame
+    hub = gw.Hub(Settings(), gw.MemoryBackplane())
+
+    def put(mesh_id: str, who: str) -> None:
+        people = [gw.Participant("1", who, "user")]
+        hub._put(gw.Presence(mesh_id, mesh_id.upper(), node="elsewhere", conn="c", claimed_ns=1, participants=people))
+
+    def greeting(newcomer: str) -> dict[str, str]:
+        frames = hub.greeting.frames_for(newcomer)
+        assert all(len(frame) <= 300 + 200 for frame in frames)
+        groups = [g for frame in frames for g in json.loads(frame)["remoteParticipants"]]
+        assert len({g["meshId"] for g in groups}) == len(groups)  # each group once
+        return {g["meshId"]: g["participants"][0]["name"] for g in groups}
+
+    for n in range(12):
+        put(f"m{n:02d}", "alice")
+    everyone = {f"m{n:02d}": "alice" for n in range(12)}
+    assert greeting("new") == everyone
+    assert hub.greeting.count >= 6  # full frames were kept
+    put("m12", "carol")  # a new group comes after the kept frames
+    assert greeting("new") == everyone | {"m12": "carol"}
+    put("m01", "bob")  # a kept group changes: no stale copy is sent
+    assert greeting("new") == everyone | {"m12": "carol", "m01": "bob"}
+    hub._drop("m02")  # a kept group goes
+    assert "m02" not in greeting("new")
+    assert "m00" not in greeting("m00") and len(greeting("m00")) == 11  # never its own group
+    put("m00", "alice")  # a refresh that changes nothing keeps the frames
+    kept = hub.greeting.count
+    assert kept and greeting("other") and hub.greeting.count == kept
+
+
 async def test_slow_peer_is_cut_off_at_its_buffer() -> None:
     hub = gw.Hub(Settings(send_buffer_bytes=200 * 1024), gw.MemoryBackplane())
     blocked = asyncio.Event()
