@@ -2303,32 +2303,37 @@ class Greeting:
     """The participant groups a newcomer is greeted with: every group of `populated` (meshId ->
     encoded group, in the order they came) but its own, in bounded frames. The full frames are
     kept for the next newcomer, so a reconnect storm packs each group once instead of once per
-    later newcomer (py-spy, 2,000-mesh storm with participants: packing was ~15 % of the loop).
-    A group that changes or goes drops the kept frames that hold it; new groups come last, so
-    they never do. The kept frames are one more copy of the groups' bytes."""
+    later newcomer (py-spy, 2,000-mesh storm with participants: packing was ~15 % of the loop);
+    only the frame holding the newcomer's own group, and the last one, are packed for it.
+    A group that changes or goes drops the kept frames; new groups come last, so they never do.
+    The kept frames are one more copy of the groups' bytes."""
 
     def __init__(self, populated: dict[str, bytes]) -> None:
         self.populated = populated
         self.frames: list[bytes] = []  # full frames of the first `count` groups of `populated`
+        self.starts: list[int] = []  # where each of them starts in `populated`
         self.count = 0
-        self.ids: set[str] = set()  # the meshIds of those groups
+        self.where: dict[str, int] = {}  # meshId -> the kept frame that holds its group
 
     def changed(self, mesh_id: str) -> None:
-        if mesh_id in self.ids:
-            self.frames, self.count, self.ids = [], 0, set()
+        if mesh_id in self.where:
+            self.frames, self.starts, self.count, self.where = [], [], 0, {}
 
     def frames_for(self, newcomer: str) -> list[bytes]:
         rest = list(itertools.islice(self.populated.items(), self.count, None))
-        packed = list(packed_groups(piece for _, piece in rest))
         taken = 0
-        for frame, groups in packed[:-1]:  # full: kept
+        for frame, groups in list(packed_groups(piece for _, piece in rest))[:-1]:  # full: kept
+            self.where.update((mesh_id, len(self.frames)) for mesh_id, _ in rest[taken : taken + groups])
             self.frames.append(frame)
-            self.ids.update(mesh_id for mesh_id, _ in rest[taken : taken + groups])
+            self.starts.append(self.count + taken)
             taken += groups
         self.count += taken
-        if newcomer in self.ids:  # its own group is in a kept frame: those cannot be sent to it
-            return list(participants_frames(piece for m, piece in self.populated.items() if m != newcomer))
-        return [*self.frames, *participants_frames(piece for m, piece in rest[taken:] if m != newcomer)]
+        tail = list(participants_frames(piece for m, piece in rest[taken:] if m != newcomer))
+        if (own := self.where.get(newcomer)) is None:
+            return [*self.frames, *tail]
+        end = self.starts[own + 1] if own + 1 < len(self.starts) else self.count
+        others = (p for m, p in itertools.islice(self.populated.items(), self.starts[own], end) if m != newcomer)
+        return [*self.frames[:own], *participants_frames(others), *self.frames[own + 1 :], *tail]
 
 
 def group(presence: Presence) -> ParticipantGroup:
