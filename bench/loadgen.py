@@ -733,11 +733,15 @@ class ProbeRole(Role):
     """Legit meshes authenticating, one starting every `interval_s` whatever the others do (open loop:
     a slow answer does not delay the next probe, so it cannot hide a stall): each sample is connect +
     upgrade + gateway_auth until gateway_auth_ok; the mesh then leaves. `starts` are the probes' start
-    times (monotonic), in order, with `samples` (ns) in the same order; a failed probe has no sample."""
+    times (monotonic), in order, with `samples` (ns) in the same order; a failed probe has no sample.
+    `phases` splits each sample (seconds, same order): until the TCP connection is made, until the
+    101 (the server accepting the connection and answering the upgrade), and from the 101 to
+    gateway_auth_ok."""
 
     async def setup(self) -> None:
         self.meshes = [Mesh(m, self.stats) for m in self.job["meshes"]]
         self.starts: list[float] = []
+        self.phases: list[tuple[float, float, float]] = []
         self.failed = 0
 
     def go(self) -> None:
@@ -752,8 +756,9 @@ class ProbeRole(Role):
             await asyncio.sleep(max(0.0, start + i * interval - time.monotonic()))
             tasks.append(asyncio.get_running_loop().create_task(self.one(mesh)))
         await asyncio.gather(*tasks)
-        pairs = sorted(zip(self.starts, self.samples, strict=False))  # in start order (samples stop at MAX_SAMPLES)
-        self.starts, self.samples = [t for t, _ in pairs], [n for _, n in pairs]
+        # in start order (samples stop at MAX_SAMPLES)
+        rows = sorted(zip(self.starts, self.samples, self.phases, strict=False))
+        self.starts, self.samples, self.phases = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
         self.done_t = time.monotonic()
         emit({"event": "done"})
 
@@ -768,6 +773,10 @@ class ProbeRole(Role):
         else:
             self.record(sent)
             self.starts.append(t0)
+            client, authed_t = mesh.client, time.monotonic()
+            assert client is not None
+            tcp, upgraded = client.connected_t, client.upgraded_t
+            self.phases.append((tcp - t0, upgraded - tcp, authed_t - upgraded))
         try:
             await mesh.leave()
         except TimeoutError:
@@ -777,7 +786,7 @@ class ProbeRole(Role):
         if not self.task.done():
             self.task.cancel()
             return {"failed": len(self.meshes) - self.count, "unfinished": True}
-        return {"failed": self.failed, "done_t": self.done_t, "starts": self.starts}
+        return {"failed": self.failed, "done_t": self.done_t, "starts": self.starts, "phases": self.phases}
 
 
 class GuessRole(Role):

@@ -664,6 +664,10 @@ async def guess_flood(spec: Spec, ctx: Context, *, flood: str = "") -> Outcome:
         "p50_ms": percentile(samples, 50), "p99_ms": percentile(samples, 99), "max_ms": percentile(samples, 100),
         "probes": len(samples),
     }  # fmt: skip
+    # Where the time goes (p99 of each phase, client side): TCP connect; until the 101 (the server's
+    # accept and upgrade); from the 101 to gateway_auth_ok (the auth frame and its check).
+    for i, phase in enumerate(("tcp", "upgrade", "after_upgrade")):
+        metrics[f"p99_{phase}_ms"] = percentile(sorted(int(p[i] * 1e9) for p in probe["phases"]), 99)
     errors: list[str] = []
     if guessed is None:  # no flood: both of the flood's phases are the whole window
         metrics |= {"p99_checking_ms": metrics["p99_ms"], "p99_throttling_ms": metrics["p99_ms"]}

@@ -72,6 +72,7 @@ class WsClient(asyncio.Protocol):
         self.close_code: int | None = None  # set when the server closed (1006 = no close frame)
         self.left = False  # closed on purpose by its user: not a failure
         self.pings = 0  # pings answered
+        self.connected_t = self.upgraded_t = 0.0  # monotonic: TCP connection made; 101 received
         self.ping_t = 0.0  # monotonic time the last one was answered
         loop = asyncio.get_running_loop()
         self.handshake: asyncio.Future[None] = loop.create_future()
@@ -81,6 +82,7 @@ class WsClient(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        self.connected_t = time.monotonic()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.close_code is None:
@@ -143,6 +145,7 @@ class WsClient(asyncio.Protocol):
                 self.deflate_accepted = True
                 self.inflater = zlib.decompressobj(-15)
         self.upgraded = True
+        self.upgraded_t = time.monotonic()
         self.handshake.set_result(None)
         return True
 
