@@ -316,7 +316,7 @@ class RedisBackplane:
                     next_sync = now + self.SYNC_S
         finally:
             with contextlib.suppress(*self.link.errors):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+                await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # untyped before redis-py 8.2
 
     def _receive(self, data: bytes) -> None:
         try:
