@@ -400,8 +400,8 @@ def is_legacy(secret_hash: str) -> bool:
     return LEGACY_HEX.fullmatch(secret_hash) is not None
 
 
-# Checked when a mesh is unknown, so a wrong id costs as long as a wrong secret.
-DUMMY_HASH = hash_secret("not-a-real-secret")
+# Checked once at start, so the hashing processes are warm before the first auth.
+WARM_UP_HASH = hash_secret("not-a-real-secret")
 
 
 def hash_batch(jobs: list[tuple[str, str | None]]) -> list[str | bool]:
@@ -511,7 +511,7 @@ class Hasher:
         for worker in self.workers:
             await self._start(worker)
         self.drainers = [asyncio.create_task(self._drain(worker)) for worker in self.workers]
-        await self.verify("warm-up", DUMMY_HASH)
+        await self.verify("warm-up", WARM_UP_HASH)
 
     async def hash(self, secret: str) -> str:
         return str(await self._submit(secret, None))
@@ -2970,8 +2970,12 @@ class Gateway:
             if not hub.healthy:
                 raise BackplaneUnavailable
             mesh = await self.registry.get(frame.mesh_id)
+            # An unknown meshId is refused without hashing anything: which meshIds exist is no secret
+            # (DELETE /register answers 404 or 403, POST 409), so hashing a dummy hid nothing, and it
+            # made a flood of guesses for ids nobody registered cost the CPU a legit auth needs
+            # (bench guess-flood, spread side).
             urgent = mesh is not None and self.failures.clean(*keys)  # likely legit: checked first
-            valid = await self._verify(frame.secret, mesh.secret_hash if mesh else DUMMY_HASH, urgent=urgent)
+            valid = mesh is not None and await self._verify(frame.secret, mesh.secret_hash, urgent=urgent)
             if mesh is not None and valid and is_legacy(mesh.secret_hash):  # the Node gateway's hash: upgrade it now
                 upgraded = Mesh(mesh.mesh_id, mesh.name, await self._hash(frame.secret), mesh.created or time.time())
                 try:

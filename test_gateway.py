@@ -1364,6 +1364,33 @@ async def test_failed_auths_are_throttled_per_mesh_and_per_ip(tmp_path: Path) ->
         await other.expect("gateway_auth_error", message="Too many attempts")
 
 
+async def test_guesses_for_unknown_meshids_hash_nothing_but_count_against_the_ip(tmp_path: Path) -> None:
+    """A flood of guesses for ids nobody registered costs no secret check (so none of the CPU a
+    legit auth needs), and is throttled per IP like wrong secrets."""
+    settings = make_settings(tmp_path, auth_failures_per_min=3)
+    gateway = gw.Gateway(settings)
+    checked: list[str] = []
+    verify = gateway._verify
+
+    async def counted(secret: str, secret_hash: str, *, urgent: bool = False) -> bool:
+        checked.append(secret)
+        return await verify(secret, secret_hash, urgent=urgent)
+
+    gateway._verify = counted  # type: ignore[method-assign]
+    async with running(settings, gw.serving_app(gateway)) as gate:
+        for n in range(3):
+            node = await gate.connect()
+            await node.send(type="gateway_auth", meshId=f"nobody-{n}", secret="guess-guess")
+            await node.expect("gateway_auth_error", message="Invalid credentials")
+            assert (await node.closed()).code == 1008
+        assert checked == []
+        await gate.register("bystander")
+        node = await gate.connect()  # the same IP, a registered mesh: throttled by the unknown ids' failures
+        await node.send(type="gateway_auth", meshId="bystander", secret="secret-bystander")
+        await node.expect("gateway_auth_error", message="Too many attempts")
+        assert (await node.closed()).code == 1013 and checked == []
+
+
 async def test_guessing_secrets_on_register_is_throttled(tmp_path: Path) -> None:
     async with running(make_settings(tmp_path, auth_failures_per_min=2, register_per_min=100)) as gate:
         assert (await gate.register("victim")).status_code == 200
