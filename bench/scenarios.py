@@ -418,11 +418,15 @@ async def _storm(spec: Spec, ctx: Context, n: int, *, participants: int = 0) -> 
             "group_frames": sum(r["group_frames"] for r in storm_results),
             "group_mb": sum(r["group_bytes"] for r in storm_results) / MB,
             "meshes_complete": sum(r["groups_complete"] for r in storm_results),
+            "meshes_verified": sum(r["groups_verified"] for r in storm_results),  # by mesh id (loadgen VERIFY_EVERY)
         }
     out = outcome(metrics, meter, storm_results)
     out.errors[:0] = late
     if participants and not late and metrics["meshes_complete"] != n:
         out.errors.append(f"{metrics['meshes_complete']}/{n} meshes got every other mesh's participants")
+    verifying = sum(r["groups_verifying"] for r in storm_results) if participants else 0
+    if participants and not late and metrics["meshes_verified"] != verifying:
+        out.errors.append(f"{metrics['meshes_verified']}/{verifying} meshes got every other mesh's group by mesh id")
     check([watch], out)
     return out
 
