@@ -591,9 +591,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gateway", type=Path, default=REPO / "gateway.py", help="gateway script to start")
     p.add_argument("--out", type=Path, default=None,
                    help="results JSON (default bench/results.json, or a temp file with --quick)")  # fmt: skip
+    p.add_argument("--probes", type=int, default=None,
+                   help=f"guess-flood: legit authentications per side (default {FULL.probes}; more makes "
+                        "its p99 less noisy); at least 100, not with --quick")  # fmt: skip
     p.add_argument("--readme", action=argparse.BooleanOptionalAction, default=None,
                    help="write the table into bench/README.md (default: when writing bench/results.json)")  # fmt: skip
     args = p.parse_args(argv)
+    if args.probes is not None and (args.quick or args.probes < 100):
+        p.error("--probes takes at least 100, and not with --quick")
     if args.scenarios is None:
         args.scenarios = ",".join(name for name in SCENARIOS if not (args.quick and name in QUICK_SKIP))
     args.scenarios = [s for s in args.scenarios.split(",") if s]
@@ -613,7 +618,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def bench(args: argparse.Namespace, tmp: Path, specs: dict[str, Spec]) -> list[dict[str, Any]]:
-    ctx = Context(tmp=tmp, scale=QUICK if args.quick else FULL)
+    scale = FULL if args.probes is None else dataclasses.replace(FULL, probes=args.probes)
+    ctx = Context(tmp=tmp, scale=QUICK if args.quick else scale)
     if "node" in args.servers:  # once per harness run, before the first scenario
         install = node_install(specs)
         await install.prepare()
