@@ -3434,12 +3434,14 @@ def main(argv: list[str] | None = None) -> None:
 def tune_gc() -> None:
     """`python gateway.py` only (a host keeps its own): the objects of start-up (modules,
     classes, the app) leave the cycle collector's view for good (`gc.freeze`), and the
-    youngest generation is collected every 10,000 net allocations instead of 700. Measured
-    with `gc.callbacks` in a 5,000-mesh reconnect storm: the default made six collections of
-    the oldest generation, 110-394 ms each, the connected meshes' worst stalls; with this,
-    none until the storm's sockets closed."""
+    oldest generation is collected after 100 collections of the middle one instead of 10.
+    Measured with `gc.callbacks` (bench, 2026-12-08): in a 5,000-mesh reconnect storm the
+    default thresholds made 3-6 collections of the oldest generation, 60-245 ms each, the
+    connected meshes' worst stalls; with this, none. The youngest generation stays at the
+    default 700: at 10,000 its collections took 5-8 ms (the middle one's 12-65 ms), and a
+    legit auth during a flood of guesses met one often enough to double its p99."""
     gc.freeze()
-    gc.set_threshold(10_000, 10, 10)
+    gc.set_threshold(700, 10, 100)
 
 
 def preflight(settings: Settings) -> socket.socket:

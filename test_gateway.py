@@ -2200,11 +2200,11 @@ def test_version_and_help() -> None:
     assert "OFFLINE_TTL_S            86400" in shown
 
 
-def test_tune_gc_freezes_start_up_and_collects_the_young_less_often() -> None:
+def test_tune_gc_freezes_start_up_and_collects_the_oldest_less_often() -> None:
     before = gc.get_threshold()
     try:
         gw.tune_gc()
-        assert gc.get_freeze_count() > 0 and gc.get_threshold() == (10_000, 10, 10)
+        assert gc.get_freeze_count() > 0 and gc.get_threshold() == (700, 10, 100)
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
