@@ -594,11 +594,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--probes", type=int, default=None,
                    help=f"guess-flood: legit authentications per side (default {FULL.probes}; more makes "
                         "its p99 less noisy); at least 100, not with --quick")  # fmt: skip
+    p.add_argument("--flood-rate", type=float, default=None,
+                   help=f"guess-flood: the paced floods' guesses a second (default {FULL.flood_rate:.0f}); "
+                        "not with --quick")  # fmt: skip
     p.add_argument("--readme", action=argparse.BooleanOptionalAction, default=None,
                    help="write the table into bench/README.md (default: when writing bench/results.json)")  # fmt: skip
     args = p.parse_args(argv)
     if args.probes is not None and (args.quick or args.probes < 100):
         p.error("--probes takes at least 100, and not with --quick")
+    if args.flood_rate is not None and (args.quick or not 0 < args.flood_rate <= 5000):
+        p.error("--flood-rate takes a rate above 0 and at most 5000, and not with --quick")
     if args.scenarios is None:
         args.scenarios = ",".join(name for name in SCENARIOS if not (args.quick and name in QUICK_SKIP))
     args.scenarios = [s for s in args.scenarios.split(",") if s]
@@ -618,7 +623,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def bench(args: argparse.Namespace, tmp: Path, specs: dict[str, Spec]) -> list[dict[str, Any]]:
-    scale = FULL if args.probes is None else dataclasses.replace(FULL, probes=args.probes)
+    scale = FULL
+    if args.probes is not None:
+        scale = dataclasses.replace(scale, probes=args.probes)
+    if args.flood_rate is not None:
+        scale = dataclasses.replace(scale, flood_rate=args.flood_rate)
     ctx = Context(tmp=tmp, scale=QUICK if args.quick else scale)
     if "node" in args.servers:  # once per harness run, before the first scenario
         install = node_install(specs)
