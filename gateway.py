@@ -3435,11 +3435,12 @@ def tune_gc() -> None:
     """`python gateway.py` only (a host keeps its own): the objects of start-up (modules,
     classes, the app) leave the cycle collector's view for good (`gc.freeze`), and the
     oldest generation is collected after 100 collections of the middle one instead of 10.
-    Measured with `gc.callbacks` (bench, 2026-12-08): in a 5,000-mesh reconnect storm the
-    default thresholds made 3-6 collections of the oldest generation, 60-245 ms each, the
-    connected meshes' worst stalls; with this, none. The youngest generation stays at the
-    default 700: at 10,000 its collections took 5-8 ms (the middle one's 12-65 ms), and a
-    legit auth during a flood of guesses met one often enough to double its p99."""
+    Measured with `gc.callbacks` (bench, 2026-12-08): in the 5,000-mesh reconnect storm the
+    default thresholds made 6 collections of the oldest generation (146 ms median, 245 ms
+    at most), the connected meshes' worst stalls; with this, none. The youngest generation
+    stays at the default 700 (0.1-0.4 ms a collection): at 10,000 its collections took 3-8
+    ms (the middle one's 7-65 ms), and a legit auth during a flood of guesses met one often
+    enough to double its p99."""
     gc.freeze()
     gc.set_threshold(700, 10, 100)
 
