@@ -1399,6 +1399,8 @@ class Stats:
         self.bytes_out = 0
         self.rate_limited = 0
         self.cut_off = 0
+        # HTTP requests a limit refused, by status (408, 413, 429, 507; 431 is the HTTP protocol's count)
+        self.http_limited: collections.Counter[int] = collections.Counter()
         self.kept = 0  # offline: frames kept for away meshes (a broadcast once per mesh)
         self.kept_delivered = 0  # offline: kept frames confirmed by their node
         self.publish = Buckets(LATENCY_BOUNDS)  # Redis PUBLISH round trips
@@ -2496,6 +2498,9 @@ class Reject(Exception):
         self.retry_after_ms = retry_after_ms  # 429: sent as Retry-After (seconds)
 
 
+LIMIT_STATUSES = frozenset({408, 413, 429})  # Reject statuses that are a limit (counted in the metrics)
+
+
 def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(encoder.encode(content), status_code=status, media_type="application/json", headers=headers)
 
@@ -2631,6 +2636,8 @@ class GatewayCollector:
         yield counter("bytes_out", "message bytes handed to the server", stats.bytes_out)
         yield counter("rate_limited", "frames refused by a rate limit", stats.rate_limited)
         yield counter("cut_offs", "sockets cut off (1013) for not reading", stats.cut_off)
+        limited = stats.http_limited + collections.Counter({431: getattr(http_protocol(), "refused", 0)})
+        yield counter("http_limited", "HTTP requests refused by a limit, by status", limited, "status")
         yield gauge("meshes_connected", "meshes connected to this process", len(hub.peers) if hub else 0)
         registered = getattr(self.registry, "registered", None)
         if registered is not None:
@@ -2790,12 +2797,15 @@ class Gateway:
                 return await self._list(request)
             return await self._register(request)
         except Reject as exc:
+            if exc.status in LIMIT_STATUSES:
+                self.stats.http_limited[exc.status] += 1
             headers = {"Retry-After": str(math.ceil(exc.retry_after_ms / 1000))} if exc.retry_after_ms else None
             return json_response({"error": exc.message}, exc.status, headers)
         except BackplaneUnavailable:
             return json_response({"error": "backplane unavailable, retry later"}, 503)
         except RegistryFull:
             log.warning("registration refused: MAX_MESHES=%d reached", self.settings.max_meshes)
+            self.stats.http_limited[507] += 1
             return json_response({"error": "registry full"}, 507)
         except OSError as exc:  # the registry file could not be written: nothing was acknowledged
             log.error("registry write failed: %s", exc)
@@ -3326,6 +3336,7 @@ def http_protocol() -> type[asyncio.Protocol]:
         tail = b""
         in_headers = False  # the parser is inside a request's headers
         admitted = False  # taken up by the pacer
+        refused = 0  # requests answered 431, in this process (the metrics read it)
         pacer = Pacer(HANDSHAKES_PER_TURN)  # one for the server: this class is built once (functools.cache)
 
         def data_received(self, data: bytes) -> None:
@@ -3369,6 +3380,7 @@ def http_protocol() -> type[asyncio.Protocol]:
             head += f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
             self.transport.write(head.encode() + body)
             self.header_bytes = -2  # refused: everything else is dropped
+            BoundedHeadersProtocol.refused += 1
             self.loop.call_later(1.0, self.transport.close)
 
     return BoundedHeadersProtocol

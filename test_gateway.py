@@ -2325,7 +2325,8 @@ def scrape(text: str) -> dict[str, float]:
 
 async def test_metrics_move_and_stay_off_the_public_port(tmp_path: Path) -> None:
     metrics_port = free_port()
-    async with process(tmp_path, METRICS_PORT=str(metrics_port), OFFLINE_MAX_MESSAGES="2") as (_proc, addr):
+    limits = {"MAX_MESHES": "3", "REGISTER_PER_MIN": "5"}
+    async with process(tmp_path, METRICS_PORT=str(metrics_port), OFFLINE_MAX_MESSAGES="2", **limits) as (_proc, addr):
         async with httpx.AsyncClient(base_url=f"http://{addr}") as http:
             gate = Gate([addr], http)
             async with gate.stack:
@@ -2341,6 +2342,13 @@ async def test_metrics_move_and_stay_off_the_public_port(tmp_path: Path) -> None
                 await bad.send(type="gateway_auth", meshId="a", secret="wrong-wrong")
                 await bad.closed()
                 await gate.wait_connected(2)
+                refused = [
+                    await gate.register("d"),  # a fourth mesh, past MAX_MESHES
+                    await http.post("/register", content=b"x" * 20_000, headers={"content-type": "application/json"}),
+                    await gate.register("e"),  # the sixth POST, past REGISTER_PER_MIN
+                    await http.get("/health", headers={"x-big": "h" * 17_000}),  # headers past 16 KiB
+                ]
+                assert [answer.status_code for answer in refused] == [507, 413, 429, 431]
                 after = scrape((await http.get(f"http://127.0.0.1:{metrics_port}/metrics")).text)
     moved = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     assert moved['mesh_gateway_frames_in_total{type="gateway_relay"}'] == 7
@@ -2355,3 +2363,5 @@ async def test_metrics_move_and_stay_off_the_public_port(tmp_path: Path) -> None
     assert after["mesh_gateway_meshes_registered"] == 3 and after["mesh_gateway_backplane_up"] == 1
     assert moved["mesh_gateway_bytes_in_total"] > 0 and moved["mesh_gateway_bytes_out_total"] > 0
     assert moved["mesh_gateway_queue_wait_seconds_count"] > 0
+    for status in (413, 429, 431, 507):  # every limit an HTTP request can meet is counted
+        assert moved[f'mesh_gateway_http_limited_total{{status="{status}"}}'] == 1
