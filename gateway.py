@@ -1435,6 +1435,10 @@ class Socket(Protocol):
     def abort(self) -> None:
         """Drop the connection now (a peer that does not read its close)."""
 
+    @property
+    def dropped(self) -> bool:
+        """It was dropped for sending pings and never reading their pongs."""
+
 
 class Peer:
     """One WebSocket connection: before auth a stranger, after it one mesh.
@@ -2936,6 +2940,8 @@ class Gateway:
             if peer.mesh_id is not None or self.refusals.allow():
                 log.info("%s disconnected: %d after %.1f s", who, code, seconds, extra=peer.context("disconnect", code))
             self.stats.closed[code] += 1
+            if socket is not None and socket.dropped:  # it pinged and never read: a cut-off too
+                self.stats.cut_off += 1
             if peer.auth_deadline is not None:
                 peer.auth_deadline.cancel()
             if peer.writer is not None:
@@ -3118,6 +3124,7 @@ def gateway_protocol(send_buffer_bytes: int) -> type[asyncio.Protocol]:
     class GatewayProtocol(WebSocketsSansIOProtocol):
         on_shutdown: Callable[[], None] | None = None
         on_writable: Callable[[], None] | None = None
+        dropped = False  # for pinging without reading (the metrics count it as a cut-off)
         confirm_waiters: dict[bytes, Callable[[], None]] | None = None  # made by the first ping
         confirm_count = 0
         # Frame parsing: websockets' parser until the handshake is through, then our own
@@ -3249,6 +3256,7 @@ def gateway_protocol(send_buffer_bytes: int) -> type[asyncio.Protocol]:
             """A ping (`payload` when our parser read it; else websockets queued the pong)."""
             if self.transport.get_write_buffer_size() > send_buffer_bytes:  # pings, and never reads
                 self.logger.warning("%s:%d - pinging without reading: dropped", *(self.client or ("?", 0)))
+                self.dropped = True
                 self.transport.abort()
                 return
             if payload is not None and self.conn.state is open_state:
