@@ -103,9 +103,9 @@ STAMP = b'"content":"t='
 # gateway_participants: a storm of 2,000 meshes with participants sends ~4 million groups, ~900 MB, to
 # one core that stands in for 2,000 nodes. Decoding them would cost more than the server's sending them;
 # even picking each group's mesh id out with one C-level regex scan a frame costs 1.4 s of CPU a GB (the
-# findall and the set), and spent while the storm ran it set the storm's pace: 2.1-2.8x the storm
-# without participants, against 1.4-1.65x with every 8th mesh doing it (same gateway, same session,
-# 2026-12-07). Counting GROUP_START costs 0.3 s a GB. So every VERIFY_EVERY-th mesh of a worker tells
+# findall and the set), and spent while the storm ran it set the storm's pace: 2.39-3.04x the storm
+# without participants, against 1.66-2.05x with every 8th mesh doing it (same gateway, alternating,
+# 2026-12-07; bench/README.md). Counting GROUP_START costs 0.3 s a GB. So every VERIFY_EVERY-th mesh of a worker tells
 # its groups apart by mesh id (every other mesh's group, each at least once); the others count theirs.
 PARTICIPANTS = b'{"type":"gateway_participants"'
 GROUP_MESH_ID = re.compile(rb'"meshId":"([^"]*)","meshName":"[^"]*","participants":\[\{')  # non-empty groups only

@@ -623,11 +623,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def bench(args: argparse.Namespace, tmp: Path, specs: dict[str, Spec]) -> list[dict[str, Any]]:
-    scale = FULL
-    if args.probes is not None:
-        scale = dataclasses.replace(scale, probes=args.probes)
-    if args.flood_rate is not None:
-        scale = dataclasses.replace(scale, flood_rate=args.flood_rate)
+    overrides = {"probes": args.probes, "flood_rate": args.flood_rate}
+    scale = dataclasses.replace(FULL, **{name: value for name, value in overrides.items() if value is not None})
     ctx = Context(tmp=tmp, scale=QUICK if args.quick else scale)
     if "node" in args.servers:  # once per harness run, before the first scenario
         install = node_install(specs)
